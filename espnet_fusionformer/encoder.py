@@ -1,0 +1,323 @@
+"""``FusionFormerEncoder``: ESPnet's ``encoder: fusionformer``."""
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from espnet2.asr.encoder.abs_encoder import AbsEncoder
+
+from espnet_fusionformer.blocks import (
+    ACTIVATIONS,
+    ConvModule,
+    FeedForward,
+    FusionFormerBlock,
+    RelPositionAttention,
+)
+from espnet_fusionformer.fusable import Reparameterizable
+from espnet_fusionformer.norm import make_norm
+from espnet_fusionformer.subsampling import Conv2dSubsampling
+
+# normalization -> structure. "fusion" is the paper's FusionFormer; the others are
+# the LayerNorm Conformer and the two LayerNorm-free attempts the paper reports.
+NORMALIZATIONS: Dict[str, Dict] = {
+    "fusion": dict(batch_norm=True, pre_norm=None, glu=False, activation="relu"),
+    "layernorm": dict(batch_norm=False, pre_norm="layer", glu=True, activation="swish"),
+    "batchnorm_in_place": dict(
+        batch_norm=False, pre_norm="batch", glu=True, activation="swish"
+    ),
+    "none": dict(batch_norm=False, pre_norm=None, glu=True, activation="swish"),
+}
+
+# Keys of ESPnet's ConformerEncoder accepted for YAML compatibility: key -> the only
+# values this encoder implements.
+CONFORMER_KEYS = {
+    "normalize_before": (True,),
+    "concat_after": (False,),
+    "positionwise_layer_type": ("linear",),
+    "rel_pos_type": ("latest",),
+    "pos_enc_layer_type": ("rel_pos",),
+    "selfattention_layer_type": ("rel_selfattn",),
+    "zero_triu": (False,),
+    "interctc_layer_idx": ([],),
+    "interctc_use_conditioning": (False,),
+    "stochastic_depth_rate": (0.0,),
+    "layer_drop_rate": (0.0,),
+    "qk_norm": (False,),
+}
+
+
+def _check_conformer_keys(values: Dict) -> None:
+    for key, value in values.items():
+        allowed = CONFORMER_KEYS[key]
+        if value not in allowed:
+            raise ValueError(
+                f"fusionformer does not support {key}={value!r} "
+                f"(supported: {', '.join(repr(a) for a in allowed)})"
+            )
+
+
+class FusionFormerEncoder(AbsEncoder, Reparameterizable):
+    r"""FusionFormer encoder (Song et al., arXiv 2210.17079).
+
+    A Conformer without LayerNorm: a BatchNorm follows every linear and convolution
+    layer, ReLU replaces Swish and GLU. In eval mode every BatchNorm folds into the
+    layer before it (:func:`espnet_fusionformer.fuse`), so normalization is free.
+
+    Args:
+        input_size: feature size ``F``.
+        output_size: model size ``D``. (Default: ``256``)
+        attention_heads: heads of the self-attention. (Default: ``4``)
+        linear_units: hidden units of the feed-forward modules. (Default: ``2048``)
+        num_blocks: number of blocks. (Default: ``6``)
+        dropout_rate: dropout of the residual branches and FFNs. (Default: ``0.1``)
+        positional_dropout_rate: dropout of the positional encoding. (Default: ``0.1``)
+        attention_dropout_rate: dropout of the attention weights. (Default: ``0.0``)
+        input_layer: ``conv2d`` | ``conv2d6`` | ``conv2d8``. (Default: ``"conv2d"``)
+        macaron_style: a half-step FFN before the attention. (Default: ``True``)
+        use_cnn_module: the convolution module. (Default: ``True``)
+        cnn_module_kernel: depthwise kernel size (odd). (Default: ``31``)
+        normalization: ``fusion`` (FusionFormer) | ``layernorm`` (Conformer: pre-LN,
+            Swish, GLU) | ``batchnorm_in_place`` (BN where LN was) | ``none``
+            (LN removed). (Default: ``"fusion"``)
+        activation: ``relu`` | ``swish``; ``None`` takes the normalization's
+            (ReLU for ``fusion``, Swish otherwise). (Default: ``None``)
+        activation_type: ESPnet conformer key: the activation FusionFormer replaces.
+            Accepted so a conformer ``encoder_conf`` works unchanged; it sets the
+            activation only for the Conformer-like normalizations (not ``fusion``,
+            which uses ``activation``). (Default: ``None``)
+        sync_batchnorm: reduce BatchNorm statistics across ``torch.distributed``
+            ranks; ``None``: whenever the world size is > 1. (Default: ``None``)
+        fuse_for_inference: in eval mode, run a folded copy of the encoder (built
+            once per switch to eval). (Default: ``True``)
+        max_pos_emb_len: initial positional table length. (Default: ``5000``)
+        normalize_before, concat_after, positionwise_layer_type, rel_pos_type,
+        pos_enc_layer_type, selfattention_layer_type, zero_triu, interctc_layer_idx,
+        interctc_use_conditioning, stochastic_depth_rate, layer_drop_rate, qk_norm:
+            ESPnet conformer keys, accepted with the values this encoder implements
+            (see :data:`CONFORMER_KEYS`); others raise ``ValueError``.
+        use_flash_attn, padding_idx: ESPnet conformer keys without effect here.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int = 256,
+        attention_heads: int = 4,
+        linear_units: int = 2048,
+        num_blocks: int = 6,
+        dropout_rate: float = 0.1,
+        positional_dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.0,
+        input_layer: str = "conv2d",
+        macaron_style: bool = True,
+        use_cnn_module: bool = True,
+        cnn_module_kernel: int = 31,
+        normalization: str = "fusion",
+        activation: Optional[str] = None,
+        activation_type: Optional[str] = None,
+        sync_batchnorm: Optional[bool] = None,
+        fuse_for_inference: bool = True,
+        max_pos_emb_len: int = 5000,
+        normalize_before: bool = True,
+        concat_after: bool = False,
+        positionwise_layer_type: str = "linear",
+        rel_pos_type: str = "latest",
+        pos_enc_layer_type: str = "rel_pos",
+        selfattention_layer_type: str = "rel_selfattn",
+        zero_triu: bool = False,
+        interctc_layer_idx: Optional[List[int]] = None,
+        interctc_use_conditioning: bool = False,
+        stochastic_depth_rate: float = 0.0,
+        layer_drop_rate: float = 0.0,
+        qk_norm: bool = False,
+        use_flash_attn: bool = False,
+        padding_idx: int = -1,
+    ) -> None:
+        super().__init__()
+        _check_conformer_keys(
+            dict(
+                normalize_before=normalize_before,
+                concat_after=concat_after,
+                positionwise_layer_type=positionwise_layer_type,
+                rel_pos_type=rel_pos_type,
+                pos_enc_layer_type=pos_enc_layer_type,
+                selfattention_layer_type=selfattention_layer_type,
+                zero_triu=zero_triu,
+                interctc_layer_idx=list(interctc_layer_idx or []),
+                interctc_use_conditioning=interctc_use_conditioning,
+                stochastic_depth_rate=stochastic_depth_rate,
+                layer_drop_rate=layer_drop_rate,
+                qk_norm=qk_norm,
+            )
+        )
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"unknown normalization {normalization!r}: "
+                f"choose from {list(NORMALIZATIONS)}"
+            )
+        structure = NORMALIZATIONS[normalization]
+        if activation is None:
+            if activation_type is not None and normalization != "fusion":
+                activation = activation_type
+            else:
+                activation = structure["activation"]
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}: choose from {list(ACTIVATIONS)}"
+            )
+        if activation_type is not None and activation_type != activation:
+            logging.info(
+                "fusionformer: activation_type=%s (Conformer) is replaced by "
+                "activation=%s",
+                activation_type,
+                activation,
+            )
+        self.input_size = input_size
+        self._output_size = output_size
+        self.normalization = normalization
+        self.activation = activation
+        self.fuse_for_inference = fuse_for_inference
+        self.fused = False
+        batch_norm, pre_norm = structure["batch_norm"], structure["pre_norm"]
+        sync = sync_batchnorm
+
+        self.embed = Conv2dSubsampling(
+            input_size,
+            output_size,
+            input_layer,
+            positional_dropout_rate,
+            batch_norm,
+            sync,
+            max_pos_emb_len,
+        )
+
+        def block() -> FusionFormerBlock:
+            def ffn() -> FeedForward:
+                return FeedForward(
+                    output_size,
+                    linear_units,
+                    dropout_rate,
+                    activation,
+                    batch_norm,
+                    sync,
+                )
+
+            return FusionFormerBlock(
+                output_size,
+                RelPositionAttention(
+                    output_size,
+                    attention_heads,
+                    attention_dropout_rate,
+                    batch_norm,
+                    sync,
+                ),
+                ffn(),
+                ffn() if macaron_style else None,
+                ConvModule(
+                    output_size,
+                    cnn_module_kernel,
+                    activation,
+                    batch_norm,
+                    structure["glu"],
+                    sync,
+                )
+                if use_cnn_module
+                else None,
+                dropout_rate,
+                pre_norm,
+                sync,
+            )
+
+        self.encoders = torch.nn.ModuleList([block() for _ in range(num_blocks)])
+        self.after_norm = make_norm(pre_norm, output_size, sync)
+        self._deploy = None  # folded copy, not a submodule (see deployed())
+        self.register_load_state_dict_post_hook(lambda module, keys: module._drop())
+
+    def output_size(self) -> int:
+        return self._output_size
+
+    # -- the folded copy used for inference --------------------------------------
+    def _drop(self) -> None:
+        self.__dict__["_deploy"] = None
+
+    def train(self, mode: bool = True) -> "FusionFormerEncoder":
+        self._drop()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._drop()
+        return super()._apply(fn, recurse)
+
+    def deployed(self) -> "FusionFormerEncoder":
+        """The folded copy of this (eval-mode) encoder, built on first use."""
+        if self.__dict__.get("_deploy") is None:
+            from espnet_fusionformer.fuse import fuse
+
+            self.__dict__["_deploy"] = fuse(self)
+        return self.__dict__["_deploy"]
+
+    def reparameterize(self) -> None:
+        """Mark this encoder as deploy form (``fuse()`` folds the layers)."""
+        self.fused = True
+        self._drop()
+
+    # -- forward ---------------------------------------------------------------
+    def check_input(self, xs_pad: torch.Tensor, ilens: torch.Tensor) -> None:
+        """Raise ``ValueError``/``TooShortUttError`` for input the model can't take."""
+        if xs_pad.dim() != 3:
+            raise ValueError(
+                f"expected (batch, time, {self.input_size}) features, "
+                f"got shape {tuple(xs_pad.shape)}"
+            )
+        if xs_pad.size(2) != self.input_size:
+            raise ValueError(
+                f"feature size {xs_pad.size(2)} does not match the encoder's "
+                f"input_size {self.input_size}"
+            )
+        if ilens.dim() != 1 or ilens.size(0) != xs_pad.size(0):
+            raise ValueError(
+                f"ilens must have shape ({xs_pad.size(0)},), got {tuple(ilens.shape)}"
+            )
+        if int(ilens.max()) > xs_pad.size(1):
+            raise ValueError(
+                f"a length ({int(ilens.max())}) exceeds the padded time axis "
+                f"({xs_pad.size(1)} frames)"
+            )
+        if not bool(torch.isfinite(xs_pad).all()):
+            raise ValueError("features contain NaN or Inf")
+        self.embed.check_lengths(ilens)
+
+    def forward(
+        self,
+        xs_pad: torch.Tensor,
+        ilens: torch.Tensor,
+        prev_states: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Encode a padded batch.
+
+        Args:
+            xs_pad: ``(B, T, F)`` features.
+            ilens: ``(B,)`` valid frames per utterance.
+            prev_states: unused (ESPnet interface).
+
+        Returns:
+            ``(B, T', D)`` encoded frames, ``(B,)`` output lengths, ``None``.
+        """
+        self.check_input(xs_pad, ilens)
+        if not self.training and self.fuse_for_inference and not self.fused:
+            return self.deployed().forward(xs_pad, ilens)
+        xs, olens = self.encode(xs_pad, ilens)
+        return xs, olens, None
+
+    def encode(
+        self, xs_pad: torch.Tensor, ilens: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, F), (B,) -> (B, T', D), (B,)`` without checks or dispatch."""
+        xs, pos_emb, valid = self.embed(xs_pad, ilens)  # (B, T', D), (B, T')
+        mask = valid.unsqueeze(-1)  # (B, T', 1)
+        key_pad = ~valid[:, None, None, :]  # (B, 1, 1, T')
+        for block in self.encoders:
+            xs = block(xs, mask, key_pad, pos_emb)
+        if self.after_norm is not None:
+            xs = self.after_norm(xs, mask)
+        return xs, valid.sum(1)

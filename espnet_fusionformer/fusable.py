@@ -1,0 +1,93 @@
+"""A linear or convolution layer followed by the BatchNorm that folds into it.
+
+``LayerBN`` is FusionFormer's unit: in training form it is ``layer -> MaskedBatchNorm``
+with a plain state_dict (``layer.weight``, ``bn.running_mean``, ...); its
+``reparameterize()`` folds the BatchNorm into the layer with ``torch.nn.utils.fusion``
+and deletes it (the deploy form). Without ``batch_norm`` it is just the layer, so the
+reference Conformer and the ablations share the same code path.
+"""
+
+from typing import Optional, Union
+
+import torch
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from espnet_fusionformer.norm import MaskedBatchNorm
+
+Layer = Union[torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d]
+
+
+class Reparameterizable(torch.nn.Module):
+    """A module with a deploy form. ``reparameterize()`` must be idempotent."""
+
+    def reparameterize(self) -> None:
+        raise NotImplementedError
+
+
+def check_eval(module: torch.nn.Module) -> None:
+    """Raise if ``module`` (or any submodule) is in training mode."""
+    if any(m.training for m in module.modules()):
+        raise RuntimeError(
+            "BatchNorm folding needs eval mode (running statistics); "
+            "call model.eval() before fuse()"
+        )
+
+
+class LayerBN(Reparameterizable):
+    """``layer`` then an optional ``MaskedBatchNorm`` over its output channels.
+
+    Args:
+        layer: ``torch.nn.Linear`` on ``(B, T, C)`` or ``torch.nn.Conv1d/Conv2d`` on
+            ``(B, C, T[, F])``.
+        batch_norm: append a BatchNorm. (Default: ``True``)
+        sync: cross-rank statistics of the BatchNorm (see ``MaskedBatchNorm``).
+    """
+
+    def __init__(
+        self, layer: Layer, batch_norm: bool = True, sync: Optional[bool] = None
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        channels = layer.out_features if isinstance(layer, torch.nn.Linear) else None
+        channel_dim = -1
+        if channels is None:
+            channels, channel_dim = layer.out_channels, 1
+        self.bn = (
+            MaskedBatchNorm(channels, channel_dim=channel_dim, sync=sync)
+            if batch_norm
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Apply the layer, then the BatchNorm (statistics over ``mask``'s frames).
+
+        Args:
+            x: ``(B, T, Cin)`` for Linear, ``(B, Cin, T[, F])`` for convolutions.
+            mask: bool, True on valid frames, broadcastable to the output.
+        """
+        x = self.layer(x)
+        if self.bn is not None:
+            x = self.bn(x, mask)
+        return x
+
+    def reparameterize(self) -> None:
+        """Fold the BatchNorm into ``layer`` and drop it (no-op once folded)."""
+        if self.bn is None:
+            return
+        check_eval(self)
+        if isinstance(self.layer, torch.nn.Linear):
+            self.layer = fuse_linear_bn_eval(self.layer, self.bn)
+        else:
+            self.layer = fuse_conv_bn_eval(self.layer, self.bn)
+        self.bn = None
+
+
+def linear_bn(
+    in_features: int,
+    out_features: int,
+    batch_norm: bool,
+    sync: Optional[bool] = None,
+) -> LayerBN:
+    """``Linear(in, out)`` + BatchNorm; the bias moves into the BatchNorm's beta."""
+    linear = torch.nn.Linear(in_features, out_features, bias=not batch_norm)
+    return LayerBN(linear, batch_norm, sync)

@@ -1,0 +1,119 @@
+"""Convolutional subsampling with a BatchNorm after every convolution and the
+output projection (FusionFormer), or without (Conformer, like ESPnet's
+``Conv2dSubsampling*``).
+
+Unlike ESPnet's, output lengths are the exact convolution lengths
+``(L - kernel) // stride + 1``, so no valid output frame reads padding and an
+utterance gives the same frames alone or inside a padded batch.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from espnet.nets.pytorch_backend.transformer.embedding import RelPositionalEncoding
+from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError
+
+from espnet_fusionformer.fusable import LayerBN, linear_bn
+
+# input_layer -> (kernel, stride) of each Conv2d, as ESPnet's Conv2dSubsampling{,6,8}
+SUBSAMPLING = {
+    "conv2d": ((3, 2), (3, 2)),
+    "conv2d6": ((3, 2), (5, 3)),
+    "conv2d8": ((3, 2), (3, 2), (3, 2)),
+}
+
+
+def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B,)`` lengths -> ``(B, size)`` bool mask, True on valid frames."""
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class Conv2dSubsampling(torch.nn.Module):
+    """``(B, T, F)`` features -> ``(B, T', D)`` frames plus relative position table.
+
+    Args:
+        input_size: feature size ``F``.
+        output_size: model size ``D`` (also the number of conv channels).
+        input_layer: ``"conv2d"`` (T/4), ``"conv2d6"`` (T/6) or ``"conv2d8"`` (T/8).
+        dropout_rate: dropout of the positional encoding.
+        batch_norm: BatchNorm after each conv and after the output projection.
+        max_len: initial length of the positional table (it grows as needed).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        input_layer: str = "conv2d",
+        dropout_rate: float = 0.1,
+        batch_norm: bool = True,
+        sync: Optional[bool] = None,
+        max_len: int = 5000,
+    ) -> None:
+        super().__init__()
+        if input_layer not in SUBSAMPLING:
+            raise ValueError(
+                f"unknown input_layer {input_layer!r}: choose from {list(SUBSAMPLING)}"
+            )
+        self.specs: Sequence[Tuple[int, int]] = SUBSAMPLING[input_layer]
+        freq, channels = input_size, 1
+        convs = []
+        for kernel, stride in self.specs:
+            conv = torch.nn.Conv2d(channels, output_size, kernel, stride)
+            convs.append(LayerBN(conv, batch_norm, sync))
+            freq, channels = (freq - kernel) // stride + 1, output_size
+        if freq < 1:
+            raise ValueError(
+                f"input_size {input_size} is too small for input_layer {input_layer!r}"
+            )
+        self.convs = torch.nn.ModuleList(convs)
+        self.out = linear_bn(output_size * freq, output_size, batch_norm, sync)
+        self.pos_enc = RelPositionalEncoding(output_size, dropout_rate, max_len)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Exact frame counts after the convolutions, ``(B,) -> (B,)``."""
+        for kernel, stride in self.specs:
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        return lengths
+
+    def min_input_length(self) -> int:
+        """Shortest input that yields one output frame."""
+        length = 1
+        for kernel, stride in reversed(self.specs):
+            length = (length - 1) * stride + kernel
+        return length
+
+    def check_lengths(self, lengths: torch.Tensor) -> None:
+        shortest = int(lengths.min())
+        limit = self.min_input_length()
+        if shortest < limit:
+            raise TooShortUttError(
+                f"input of {shortest} frames is too short for the subsampling: "
+                f"it needs at least {limit} frames",
+                shortest,
+                limit,
+            )
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Subsample.
+
+        Args:
+            x: ``(B, T, F)`` features.
+            lengths: ``(B,)`` valid frames per utterance.
+
+        Returns:
+            ``(B, T', D)`` frames (scaled by sqrt(D)), ``(1, 2T'-1, D)`` relative
+            position table and ``(B, T')`` bool mask of valid frames.
+        """
+        x = x.unsqueeze(1)  # (B, 1, T, F)
+        for conv, (kernel, stride) in zip(self.convs, self.specs):
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+            mask = valid_mask(lengths, (x.size(2) - kernel) // stride + 1)
+            x = torch.relu(conv(x, mask[:, None, :, None]))  # (B, D, T', F')
+        b, c, t, f = x.shape
+        x = x.transpose(1, 2).reshape(b, t, c * f)  # (B, T', D * F')
+        x = self.out(x, mask.unsqueeze(-1))
+        x, pos_emb = self.pos_enc(x)
+        return x, pos_emb, mask
