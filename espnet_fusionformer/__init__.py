@@ -11,7 +11,7 @@ __all__ = ["FusionFormerEncoder", "fuse", "register"]
 
 _LAZY = {
     "FusionFormerEncoder": "espnet_fusionformer.encoder",
-    "fuse": "espnet_fusionformer.fuse",
+    "fuse": "espnet_fusionformer.fusion",
     "register": "espnet_fusionformer.registry",
 }
 

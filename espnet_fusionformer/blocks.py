@@ -143,7 +143,7 @@ class RelPositionAttention(Reparameterizable):
         weight = torch.cat([lin.weight for lin in layers], dim=0)
         bias = torch.cat([lin.bias for lin in layers], dim=0)
         qkv = torch.nn.Linear(weight.size(1), weight.size(0), device=weight.device)
-        qkv.to(weight.dtype)
+        qkv.to(weight.dtype).train(self.training)
         with torch.no_grad():
             qkv.weight.copy_(weight)
             qkv.bias.copy_(bias)

@@ -251,7 +251,7 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
     def deployed(self) -> "FusionFormerEncoder":
         """The folded copy of this (eval-mode) encoder, built on first use."""
         if self.__dict__.get("_deploy") is None:
-            from espnet_fusionformer.fuse import fuse
+            from espnet_fusionformer.fusion import fuse
 
             self.__dict__["_deploy"] = fuse(self)
         return self.__dict__["_deploy"]
