@@ -1,0 +1,96 @@
+"""MaskedBatchNorm: masked statistics, and their reduction across ranks."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from espnet_fusionformer.norm import MaskedBatchNorm
+
+C, T = 6, 9
+LENGTHS = [9, 4, 7, 2]  # rank 0 takes the first two utterances, rank 1 the rest
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(0)
+    xs = 2 * torch.randn(len(LENGTHS), T, C, generator=gen) + 1
+    mask = (torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]).unsqueeze(-1)
+    probe = torch.randn(len(LENGTHS), T, C, generator=gen)
+    return xs, mask, probe
+
+
+def run(bn, xs, mask, probe):
+    """One training step; returns output, input grad, weight grad, running stats."""
+    xs = xs.clone().requires_grad_(True)
+    ys = bn(xs, mask)
+    (ys * probe * mask).sum().backward()
+    return ys.detach(), xs.grad, bn.weight.grad, bn.running_mean, bn.running_var
+
+
+def test_statistics_are_those_of_valid_frames():
+    xs, mask, _ = inputs()
+    bn = MaskedBatchNorm(C, momentum=1.0)
+    ys = bn(xs, mask)
+    valid = xs[mask.expand_as(xs)].view(-1, C)
+    assert torch.allclose(bn.running_mean, valid.mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, valid.var(0, unbiased=True), atol=1e-5)
+    normed = ys[mask.expand_as(ys)].view(-1, C)
+    assert torch.allclose(normed.mean(0), torch.zeros(C), atol=1e-5)
+    # eval mode: an affine map with the running statistics
+    bn.eval()
+    expected = (xs - valid.mean(0)) / torch.sqrt(valid.var(0) + bn.eps)
+    assert torch.allclose(bn(xs, mask), expected, atol=1e-5)
+
+
+def test_channel_first_layout_matches_channel_last():
+    xs, mask, _ = inputs()
+    last, first = MaskedBatchNorm(C), MaskedBatchNorm(C, channel_dim=1)
+    ys = first(xs.transpose(1, 2), mask.transpose(1, 2)).transpose(1, 2)
+    assert torch.allclose(last(xs, mask), ys, atol=1e-6)
+    assert torch.allclose(last.running_var, first.running_var)
+
+
+def test_too_few_valid_frames_is_an_error():
+    bn = MaskedBatchNorm(C)
+    mask = torch.zeros(2, T, 1, dtype=torch.bool)
+    mask[0, 0] = True
+    with pytest.raises(ValueError, match="at least 2 valid frames"):
+        bn(torch.randn(2, T, C), mask)
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    torch.manual_seed(0)
+    bn = MaskedBatchNorm(C)  # sync=None: on, since the world size is 2
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    xs, mask, probe = inputs()
+    part = slice(2 * rank, 2 * rank + 2)
+    torch.save(run(bn, xs[part], mask[part], probe[part]), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+
+    torch.manual_seed(0)
+    bn = MaskedBatchNorm(C, sync=False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    ys, xgrad, wgrad, mean, var = run(bn, *inputs())
+
+    assert torch.allclose(torch.cat([r[0] for r in ranks]), ys, atol=1e-5)
+    assert torch.allclose(torch.cat([r[1] for r in ranks]), xgrad, atol=1e-5)
+    # DDP sums (averages) the per-rank parameter gradients
+    assert torch.allclose(ranks[0][2] + ranks[1][2], wgrad, atol=1e-5)
+    for r in ranks:
+        assert torch.allclose(r[3], mean, atol=1e-6)
+        assert torch.allclose(r[4], var, atol=1e-5)
+    # and without the reduction the ranks would disagree with the whole batch
+    local = MaskedBatchNorm(C, sync=False)
+    xs, mask, _ = inputs()
+    local(xs[:2], mask[:2])
+    assert not torch.allclose(local.running_mean, mean, atol=1e-3)
