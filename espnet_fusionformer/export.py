@@ -1,0 +1,495 @@
+"""Export a FusionFormer encoder (deploy form) to TorchScript or ONNX.
+
+The exported graph is a wrapper with the signature::
+
+    (feats (B, T, F) float32, feats_lengths (B,) int64)
+        -> (encoded (B, T', D) float32, encoded_lengths (B,) int64)
+
+with dynamic batch and time axes. It is the encoder only: features must already be
+the ASR model's frontend + normalize output (e.g. 80-dim fbank after global MVN).
+The encoder is fused (BatchNorm folded, q/k/v merged) before tracing, and every
+export is checked against PyTorch on inputs of other lengths and batch sizes than
+the traced example, so a shape or branch frozen by tracing fails loudly here.
+
+CLI::
+
+    python -m espnet_fusionformer.export \\
+        --asr_train_config exp/asr_train/config.yaml \\
+        --asr_model_file exp/asr_train/valid.acc.ave.pth \\
+        --outdir exported/ [--format onnx torchscript] [--opset 17]
+
+writes ``encoder.onnx`` / ``encoder.pt`` and ``encoder.json`` (sizes, subsampling,
+frontend/normalize of the training config).
+"""
+
+import argparse
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+INPUT_NAMES = ["feats", "feats_lengths"]
+OUTPUT_NAMES = ["encoded", "encoded_lengths"]
+DYNAMIC_AXES = {
+    "feats": {0: "batch", 1: "time"},
+    "feats_lengths": {0: "batch"},
+    "encoded": {0: "batch", 1: "time_out"},
+    "encoded_lengths": {0: "batch"},
+}
+# tolerance of the self-check after export (float32 graph rewrites reorder sums)
+CHECK_ATOL = 1e-3
+CHECK_RTOL = 1e-3
+
+Runner = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+class EncoderWrapper(torch.nn.Module):
+    """``(feats, feats_lengths) -> (encoded, encoded_lengths)`` for export.
+
+    Args:
+        encoder: a fused ``FusionFormerEncoder`` (``call="encode"``) or any ESPnet
+            ``AbsEncoder`` whose forward returns ``(ys, olens, states)``
+            (``call="forward"``, used by the benchmark for ESPnet's Conformer).
+        call: ``"encode"`` (no input checks, nothing data-dependent to trace) or
+            ``"forward"``.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, call: str = "encode") -> None:
+        super().__init__()
+        if call not in ("encode", "forward"):
+            raise ValueError(f"call must be 'encode' or 'forward', got {call!r}")
+        self.encoder = encoder
+        self.call = call
+
+    def forward(
+        self, feats: torch.Tensor, feats_lengths: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.call == "encode":
+            encoded, encoded_lengths = self.encoder.encode(feats, feats_lengths)
+        else:
+            encoded, encoded_lengths, _ = self.encoder(feats, feats_lengths)
+        return encoded, encoded_lengths
+
+
+# -- preparing the encoder ---------------------------------------------------------
+def deploy_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
+    """The deploy form of ``encoder`` (fused copy unless already fused).
+
+    Raises:
+        TypeError: if ``encoder`` is not a ``FusionFormerEncoder``.
+        RuntimeError: if it (or a submodule) is in training mode.
+    """
+    from espnet_fusionformer.encoder import FusionFormerEncoder
+    from espnet_fusionformer.fusion import fuse
+
+    if not isinstance(encoder, FusionFormerEncoder):
+        raise TypeError(f"expected a FusionFormerEncoder, got {type(encoder).__name__}")
+    training = [
+        name or "<encoder>" for name, m in encoder.named_modules() if m.training
+    ]
+    if training:
+        raise RuntimeError(
+            "cannot export an encoder in training mode (BatchNorm would use batch "
+            "statistics and dropout would be active): call encoder.eval() first "
+            f"(training-mode modules: {', '.join(training[:3])}"
+            f"{', ...' if len(training) > 3 else ''})"
+        )
+    return encoder if getattr(encoder, "fused", False) else fuse(encoder)
+
+
+def min_input_frames(encoder: torch.nn.Module) -> int:
+    """Shortest input the encoder's subsampling accepts (1 if unknown)."""
+    embed = getattr(encoder, "embed", None)
+    if embed is not None and hasattr(embed, "min_input_length"):
+        return int(embed.min_input_length())
+    return 1
+
+
+def input_size(encoder: torch.nn.Module) -> int:
+    size = getattr(encoder, "input_size", None)
+    if size is None:
+        raise ValueError("the encoder has no input_size attribute")
+    return int(size)
+
+
+def example_inputs(
+    encoder: torch.nn.Module, lengths: Sequence[int], seed: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A zero-padded random batch ``(B, max(lengths), F), (B,)``."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(len(lengths), max(lengths), input_size(encoder), generator=gen)
+    ilens = torch.tensor(list(lengths), dtype=torch.long)
+    pad = torch.arange(max(lengths))[None, :, None] >= ilens[:, None, None]
+    return feats.masked_fill(pad, 0.0), ilens
+
+
+def _trace_lengths(encoder: torch.nn.Module) -> List[int]:
+    # a padded batch of two, so that any "nothing is padded" fast path stays out
+    # of the traced graph (tracing records only the branch the example takes)
+    shortest = min_input_frames(encoder)
+    longest = max(4 * shortest, 120)
+    return [longest, max(shortest, (3 * longest) // 4)]
+
+
+def _check_lengths(encoder: torch.nn.Module) -> List[List[int]]:
+    # other time lengths and batch sizes than the traced example, padded and not
+    shortest = min_input_frames(encoder)
+    long = max(6 * shortest, 203)
+    return [[long], [max(2 * shortest, 77), max(shortest, 59)]]
+
+
+def check_export(
+    reference: torch.nn.Module,
+    run: Runner,
+    what: str,
+    lengths: Optional[List[List[int]]] = None,
+    atol: float = CHECK_ATOL,
+    rtol: float = CHECK_RTOL,
+) -> float:
+    """Compare ``run`` with ``reference`` (a wrapper) on the valid frames.
+
+    Returns:
+        The largest absolute difference.
+
+    Raises:
+        RuntimeError: on a length mismatch or a difference beyond the tolerance.
+    """
+    encoder = reference.encoder
+    worst = 0.0
+    for i, lens in enumerate(lengths or _check_lengths(encoder)):
+        feats, ilens = example_inputs(encoder, lens, seed=100 + i)
+        with torch.no_grad():
+            ref, ref_lens = reference(feats, ilens)
+        out, out_lens = run(feats, ilens)
+        out, out_lens = torch.as_tensor(out), torch.as_tensor(out_lens)
+        if out.shape != ref.shape or not torch.equal(out_lens.long(), ref_lens.long()):
+            raise RuntimeError(
+                f"{what}: output shape {tuple(out.shape)} / lengths "
+                f"{out_lens.tolist()} differ from PyTorch's {tuple(ref.shape)} / "
+                f"{ref_lens.tolist()} for input lengths {lens} (a size frozen by "
+                "tracing?)"
+            )
+        for b, n in enumerate(ref_lens.tolist()):
+            diff = (out[b, :n] - ref[b, :n]).abs()
+            bound = atol + rtol * ref[b, :n].abs()
+            worst = max(worst, float(diff.max()) if n else 0.0)
+            if bool((diff > bound).any()):
+                raise RuntimeError(
+                    f"{what}: output differs from PyTorch by {float(diff.max()):.3g} "
+                    f"for input lengths {lens} (utterance {b}); a data-dependent "
+                    "branch frozen by tracing?"
+                )
+    return worst
+
+
+# -- TorchScript -------------------------------------------------------------------
+def trace_module(wrapper: torch.nn.Module, encoder: torch.nn.Module):
+    """``torch.jit.trace`` of ``wrapper`` on a padded example batch."""
+    wrapper.eval()
+    feats, ilens = example_inputs(encoder, _trace_lengths(encoder))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.trace(wrapper, (feats, ilens), check_trace=False)
+
+
+def export_torchscript(encoder: torch.nn.Module, path, verify: bool = True) -> Path:
+    """Trace the fused encoder and save it with ``torch.jit.save``.
+
+    Args:
+        encoder: a ``FusionFormerEncoder`` in eval mode (fused here if it is not).
+        path: output file (``.pt``).
+        verify: run the saved model on other lengths and compare with PyTorch.
+
+    Returns:
+        ``path`` as a ``Path``. Load with ``torch.jit.load(path)``; call it as
+        ``encoded, encoded_lengths = module(feats, feats_lengths)``.
+    """
+    deployed = deploy_encoder(encoder)
+    wrapper = EncoderWrapper(deployed).eval()
+    traced = trace_module(wrapper, deployed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(traced, str(path))
+    if verify:
+        loaded = torch.jit.load(str(path))
+
+        def run(feats, ilens):
+            with torch.no_grad():
+                return loaded(feats, ilens)
+
+        check_export(wrapper, run, f"TorchScript export {path}")
+    return path
+
+
+# -- ONNX --------------------------------------------------------------------------
+def _unfold_symbolic(g, input, dimension, size, step):
+    """``Tensor.unfold`` for the legacy ONNX exporter with a dynamic axis length.
+
+    PyTorch's own symbolic (opset 12+) needs the static size of the unfolded axis
+    ("Unsupported: ONNX export of operator Unfold, input size not accessible").
+    This one gathers the windows with indices computed from the runtime shape:
+    ``out[..., i, ..., j] = x[..., i * step + j, ...]``.
+    """
+    from torch.onnx import symbolic_helper as sh
+
+    dim = sh._get_const(dimension, "i", "dimension")
+    size = sh._get_const(size, "i", "size")
+    step = sh._get_const(step, "i", "step")
+    rank = sh._get_tensor_rank(input)
+    if rank is None:
+        return sh._unimplemented("unfold", "input rank unknown")
+    dim = dim % rank
+
+    def const(value):
+        return g.op("Constant", value_t=torch.tensor(value, dtype=torch.long))
+
+    length = g.op("Gather", g.op("Shape", input), const(dim), axis_i=0)  # scalar
+    count = g.op(
+        "Add", g.op("Div", g.op("Sub", length, const(size)), const(step)), const(1)
+    )
+    starts = g.op("Mul", g.op("Range", const(0), count, const(1)), const(step))
+    index = g.op(
+        "Add", g.op("Unsqueeze", starts, const([1])), const(list(range(size)))
+    )  # (count, size)
+    windows = g.op("Gather", input, index, axis_i=dim)  # (..., count, size, ...)
+    perm = [*range(dim + 1), *range(dim + 2, rank + 1), dim + 1]
+    return g.op("Transpose", windows, perm_i=perm)
+
+
+def onnx_export_module(
+    wrapper: torch.nn.Module,
+    encoder: torch.nn.Module,
+    path,
+    opset: int = 17,
+) -> str:
+    """``torch.onnx.export`` of ``wrapper`` with dynamic batch/time axes.
+
+    Tries, in order: the legacy TorchScript-based exporter (``dynamo=False``); the
+    legacy exporter with a dynamic-length ``aten::unfold`` symbolic (PyTorch's
+    needs a static length); the dynamo exporter.
+
+    Returns:
+        The exporter that worked: ``"legacy"``, ``"legacy+unfold"`` or ``"dynamo"``.
+
+    Raises:
+        RuntimeError: with every exporter's error if none works.
+    """
+    wrapper.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = example_inputs(encoder, _trace_lengths(encoder))
+    errors = []
+    for method in ("legacy", "legacy+unfold", "dynamo"):
+        if method == "legacy+unfold":
+            if not any("Unfold" in e for e in errors):
+                continue
+            torch.onnx.register_custom_op_symbolic(
+                "aten::unfold", _unfold_symbolic, opset
+            )
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapper,
+                    example,
+                    str(path),
+                    input_names=INPUT_NAMES,
+                    output_names=OUTPUT_NAMES,
+                    dynamic_axes=DYNAMIC_AXES,
+                    opset_version=opset,
+                    dynamo=method == "dynamo",
+                )
+            return method
+        except Exception as err:  # reported below
+            message = str(err).split(" [Caused by", 1)[0][:500]
+            errors.append(f"{method} exporter: {type(err).__name__}: {message}")
+            logging.warning("ONNX %s export failed: %s", method, message)
+        finally:
+            # torch.onnx.export restores the *wrapper's* mode on every submodule
+            wrapper.eval()
+            if method == "legacy+unfold":
+                torch.onnx.unregister_custom_op_symbolic("aten::unfold", opset)
+    raise RuntimeError("ONNX export failed:\n" + "\n".join(errors))
+
+
+def onnx_session(path, threads: Optional[int] = None):
+    """An onnxruntime CPU session (``threads`` intra-op threads, 1 inter-op)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def onnx_runner(session) -> Runner:
+    def run(feats, ilens):
+        out = session.run(
+            OUTPUT_NAMES,
+            {"feats": feats.numpy(), "feats_lengths": ilens.numpy().astype("int64")},
+        )
+        return torch.from_numpy(out[0]), torch.from_numpy(out[1])
+
+    return run
+
+
+def export_onnx(
+    encoder: torch.nn.Module, path, opset: int = 17, verify: bool = True
+) -> Path:
+    """Export the fused encoder to ONNX (dynamic batch and time axes).
+
+    Args:
+        encoder: a ``FusionFormerEncoder`` in eval mode (fused here if it is not).
+        path: output file (``.onnx``).
+        opset: ONNX opset. (Default: ``17``)
+        verify: run the file with onnxruntime (if installed) on other lengths and
+            batch sizes and compare with PyTorch.
+
+    Returns:
+        ``path`` as a ``Path``; inputs ``feats`` (float32 ``(B, T, F)``),
+        ``feats_lengths`` (int64 ``(B,)``); outputs ``encoded``, ``encoded_lengths``.
+    """
+    deployed = deploy_encoder(encoder)
+    wrapper = EncoderWrapper(deployed).eval()
+    path = Path(path)
+    method = onnx_export_module(wrapper, deployed, path, opset)
+    if method != "legacy":
+        logging.warning("ONNX: the plain legacy exporter failed, used %s", method)
+    if verify:
+        try:
+            session = onnx_session(path)
+        except ImportError:
+            logging.warning("onnxruntime is not installed: %s is not verified", path)
+        else:
+            check_export(wrapper, onnx_runner(session), f"ONNX export {path}")
+    return path
+
+
+# -- description -------------------------------------------------------------------
+def describe(encoder: torch.nn.Module) -> Dict:
+    """Sizes and subsampling of a FusionFormer encoder, for ``encoder.json``."""
+    info = dict(input_size=input_size(encoder), output_size=encoder.output_size())
+    embed = getattr(encoder, "embed", None)
+    specs = getattr(embed, "specs", None)
+    if specs is not None:
+        from espnet_fusionformer.subsampling import SUBSAMPLING
+
+        specs = [tuple(s) for s in specs]
+        names = [k for k, v in SUBSAMPLING.items() if [tuple(s) for s in v] == specs]
+        info["subsampling"] = dict(
+            input_layer=names[0] if names else None,
+            factor=math.prod(stride for _, stride in specs),
+            convolutions=[dict(kernel=k, stride=s) for k, s in specs],
+            min_input_frames=min_input_frames(encoder),
+            output_length="for each conv: (L - kernel) // stride + 1",
+        )
+    for key in ("normalization", "activation"):
+        if hasattr(encoder, key):
+            info[key] = getattr(encoder, key)
+    info["num_blocks"] = len(getattr(encoder, "encoders", []))
+    return info
+
+
+# -- CLI ---------------------------------------------------------------------------
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusionformer-export",
+        description="Export the FusionFormer encoder of an ESPnet ASR model "
+        "(fused deploy form) to ONNX and/or TorchScript.",
+    )
+    parser.add_argument("--asr_train_config", required=True, help="config.yaml")
+    parser.add_argument("--asr_model_file", required=True, help="model .pth")
+    parser.add_argument("--outdir", required=True, help="output directory")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        choices=["onnx", "torchscript"],
+        default=["onnx", "torchscript"],
+        help="what to write (default: both)",
+    )
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip comparing the exported files with PyTorch",
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    """CLI entry point; returns the written ``encoder.json`` content."""
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+
+    from espnet2.tasks.asr import ASRTask
+
+    import espnet_fusionformer
+    from espnet_fusionformer.encoder import FusionFormerEncoder
+
+    espnet_fusionformer.register()
+    model, train_args = ASRTask.build_model_from_file(
+        args.asr_train_config, args.asr_model_file, "cpu"
+    )
+    model.eval()
+    encoder = model.encoder
+    if not isinstance(encoder, FusionFormerEncoder):
+        raise SystemExit(
+            f"the model's encoder is {type(encoder).__name__}, not fusionformer"
+        )
+    for extra in ("preencoder", "postencoder"):
+        if getattr(model, extra, None) is not None:
+            logging.warning("the model has a %s: it is NOT part of the export", extra)
+
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if "onnx" in args.format:
+        files["onnx"] = export_onnx(
+            encoder, outdir / "encoder.onnx", args.opset, args.verify
+        ).name
+        logging.info("wrote %s", outdir / files["onnx"])
+    if "torchscript" in args.format:
+        files["torchscript"] = export_torchscript(
+            encoder, outdir / "encoder.pt", args.verify
+        ).name
+        logging.info("wrote %s", outdir / files["torchscript"])
+
+    info = describe(encoder)
+    conf = vars(train_args)
+    info.update(
+        inputs=dict(
+            feats="float32 (batch, time, input_size): frontend + normalize output",
+            feats_lengths="int64 (batch,)",
+        ),
+        outputs=dict(
+            encoded="float32 (batch, time_out, output_size)",
+            encoded_lengths="int64 (batch,)",
+        ),
+        files=files,
+        opset=args.opset if "onnx" in args.format else None,
+        frontend=conf.get("frontend"),
+        frontend_conf=conf.get("frontend_conf"),
+        normalize=conf.get("normalize"),
+        normalize_conf=conf.get("normalize_conf"),
+        asr_train_config=str(args.asr_train_config),
+        asr_model_file=str(args.asr_model_file),
+        torch_version=torch.__version__,
+        espnet_fusionformer_version=espnet_fusionformer.__version__,
+    )
+    (outdir / "encoder.json").write_text(json.dumps(info, indent=2, default=str))
+    logging.info("wrote %s", outdir / "encoder.json")
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Export of the fused encoder: ONNX (onnxruntime) and TorchScript match PyTorch on
+other lengths than the traced one; training mode is refused; the CLI works on an
+ESPnet ASR model built by ASRTask."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import FEATS, TINY, asr_config, batch, make_encoder, warm_up
+from espnet2.tasks.asr import ASRTask
+
+from espnet_fusionformer import fuse
+from espnet_fusionformer.export import export_onnx, export_torchscript, main
+
+ort = pytest.importorskip("onnxruntime")
+
+# different time lengths and batch sizes than the traced example (padded and not)
+LENGTHS = [[90, 61], [143], [40, 40, 25]]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return warm_up(make_encoder())
+
+
+def reference(encoder, xs, ilens):
+    with torch.no_grad():
+        ys, olens = fuse(encoder).encode(xs, ilens)
+    return ys, olens
+
+
+def assert_close(encoder, run):
+    for i, lengths in enumerate(LENGTHS):
+        xs, ilens = batch(lengths, seed=i)
+        ref, ref_lens = reference(encoder, xs, ilens)
+        ys, olens = run(xs, ilens)
+        assert ys.shape == ref.shape
+        np.testing.assert_array_equal(np.asarray(olens), ref_lens.numpy())
+        for b, n in enumerate(ref_lens.tolist()):
+            np.testing.assert_allclose(ys[b, :n], ref[b, :n].numpy(), atol=1e-4)
+
+
+def test_onnx_matches_pytorch_on_other_lengths(encoder, tmp_path):
+    path = export_onnx(encoder, tmp_path / "encoder.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    assert inputs == ["feats", "feats_lengths"]
+    assert session.get_inputs()[0].shape[:2] == ["batch", "time"]
+
+    def run(xs, ilens):
+        return session.run(None, {"feats": xs.numpy(), "feats_lengths": ilens.numpy()})
+
+    assert_close(encoder, run)
+    # the encoder itself is left as it was: unfused, in eval mode
+    assert not encoder.fused and not encoder.training
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in encoder.modules())
+
+
+def test_torchscript_matches_pytorch_on_other_lengths(encoder, tmp_path):
+    path = export_torchscript(encoder, tmp_path / "encoder.pt")
+    module = torch.jit.load(str(path))
+
+    def run(xs, ilens):
+        with torch.no_grad():
+            ys, olens = module(xs, ilens)
+        return ys.numpy(), olens.numpy()
+
+    assert_close(encoder, run)
+
+
+def test_an_already_fused_encoder_exports_too(encoder, tmp_path):
+    path = export_torchscript(fuse(encoder), tmp_path / "fused.pt")
+    assert path.exists()
+
+
+@pytest.mark.parametrize("export", [export_onnx, export_torchscript])
+def test_training_mode_is_refused(export, tmp_path):
+    encoder = make_encoder().train()
+    with pytest.raises(RuntimeError, match="training mode.*eval"):
+        export(encoder, tmp_path / "encoder.bin")
+    encoder.eval()
+    encoder.encoders[0].train()  # one submodule left in training mode
+    with pytest.raises(RuntimeError, match="training mode"):
+        export(encoder, tmp_path / "encoder.bin")
+    assert not (tmp_path / "encoder.bin").exists()
+
+
+def test_only_fusionformer_encoders(tmp_path):
+    with pytest.raises(TypeError, match="FusionFormerEncoder"):
+        export_onnx(torch.nn.Linear(2, 2).eval(), tmp_path / "x.onnx")
+
+
+def test_cli_exports_an_asrtask_model(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(asr_config()))
+    args = ASRTask.get_parser().parse_args(["--config", str(config)])
+    torch.manual_seed(0)
+    model = ASRTask.build_model(args)
+    warm_up(model.encoder)
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "config.yaml").write_text(yaml.safe_dump(vars(args)))
+    torch.save(model.state_dict(), exp / "valid.acc.ave.pth")
+
+    out = tmp_path / "exported"
+    info = main(
+        [
+            "--asr_train_config",
+            str(exp / "config.yaml"),
+            "--asr_model_file",
+            str(exp / "valid.acc.ave.pth"),
+            "--outdir",
+            str(out),
+        ]
+    )
+    written = json.loads((out / "encoder.json").read_text())
+    assert written == json.loads(json.dumps(info, default=str))
+    assert written["input_size"] == FEATS
+    assert written["output_size"] == TINY["output_size"]
+    assert written["subsampling"]["input_layer"] == "conv2d"
+    assert written["subsampling"]["factor"] == 4
+    assert written["files"] == {"onnx": "encoder.onnx", "torchscript": "encoder.pt"}
+
+    encoder = model.encoder.eval()
+    session = ort.InferenceSession(
+        str(out / "encoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    scripted = torch.jit.load(str(out / "encoder.pt"))
+    xs, ilens = batch([80, 57], seed=5)
+    ref, ref_lens = reference(encoder, xs, ilens)
+    ys, olens = session.run(None, {"feats": xs.numpy(), "feats_lengths": ilens.numpy()})
+    with torch.no_grad():
+        ys_ts, olens_ts = scripted(xs, ilens)
+    for out_ys, out_lens in ((ys, olens), (ys_ts.numpy(), olens_ts.numpy())):
+        np.testing.assert_array_equal(out_lens, ref_lens.numpy())
+        for b, n in enumerate(ref_lens.tolist()):
+            np.testing.assert_allclose(out_ys[b, :n], ref[b, :n].numpy(), atol=1e-4)
+
+
+def test_cli_only_onnx(tmp_path, monkeypatch):
+    """``--format onnx`` writes no TorchScript file."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(asr_config()))
+    args = ASRTask.get_parser().parse_args(["--config", str(config)])
+    model = ASRTask.build_model(args)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(vars(args)))
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    main(
+        [
+            "--asr_train_config",
+            str(tmp_path / "train.yaml"),
+            "--asr_model_file",
+            str(tmp_path / "model.pth"),
+            "--outdir",
+            str(tmp_path / "out"),
+            "--format",
+            "onnx",
+        ]
+    )
+    assert (tmp_path / "out" / "encoder.onnx").exists()
+    assert not (tmp_path / "out" / "encoder.pt").exists()
