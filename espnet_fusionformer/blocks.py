@@ -1,8 +1,14 @@
 """FusionFormer blocks: feed-forward, relative-position attention, convolution module.
 
-All modules take ``(B, T, D)`` features and a bool ``mask`` of shape ``(B, T, 1)``
-(True on valid frames). ``batch_norm=True`` appends a BatchNorm to every linear and
-convolution layer (FusionFormer); ``False`` gives the plain Conformer layers.
+All modules take ``(B, T, D)`` features and an optional bool ``mask`` of shape
+``(B, T, 1)`` (True on valid frames; ``None`` when no frame is padded, which the
+deploy form uses to skip masking). ``batch_norm=True`` appends a BatchNorm to every
+linear and convolution layer (FusionFormer); ``False`` gives the Conformer's layers.
+
+Each module's ``reparameterize()`` turns it into its deploy form once its
+``LayerBN`` children are folded (``espnet_fusionformer.fuse`` walks children
+first): constant scales go into the weights, q/k/v become one matmul, the
+positional projection is cached, the depthwise convolution runs channels-last.
 """
 
 import math
@@ -17,11 +23,24 @@ ACTIVATIONS = {"relu": torch.nn.ReLU, "swish": torch.nn.SiLU}
 
 
 def make_activation(name: str) -> torch.nn.Module:
+    """In-place activation: it always follows a layer whose output is fresh."""
     if name not in ACTIVATIONS:
         raise ValueError(
             f"unknown activation {name!r}: choose from {list(ACTIVATIONS)}"
         )
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS[name](inplace=True)
+
+
+def exporting() -> bool:
+    """Tracing for TorchScript/ONNX: no value-dependent shortcuts or caches."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _scale_(layer: torch.nn.Linear, scale: float) -> None:
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+        if layer.bias is not None:
+            layer.bias.mul_(scale)
 
 
 class FeedForward(torch.nn.Module):
@@ -42,7 +61,7 @@ class FeedForward(torch.nn.Module):
         self.dropout = torch.nn.Dropout(dropout_rate)
         self.w_2 = linear_bn(units, size, batch_norm, sync)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``(B, T, D) -> (B, T, D)``."""
         x = self.dropout(self.activation(self.w_1(x, mask)))
         return self.w_2(x, mask)
@@ -54,8 +73,9 @@ class RelPositionAttention(Reparameterizable):
 
     The query/key/value/output projections carry a BatchNorm when ``batch_norm``;
     the positional projection ``linear_pos`` acts on the sinusoidal table, not on
-    data, and has none. The deploy form (``reparameterize``) folds the BatchNorms and
-    merges query/key/value into one ``(D, 3D)`` matmul.
+    data, and has none. The deploy form folds the BatchNorms and ``1/sqrt(d_k)``
+    into the weights, merges query/key/value into one ``(D, 3D)`` matmul and caches
+    the projected position table (it depends only on the length).
     """
 
     def __init__(
@@ -71,6 +91,7 @@ class RelPositionAttention(Reparameterizable):
             raise ValueError(f"output_size {size} is not divisible by heads {heads}")
         self.heads = heads
         self.d_k = size // heads
+        self.score_scale = 1.0 / math.sqrt(self.d_k)
         self.linear_q = linear_bn(size, size, batch_norm, sync)
         self.linear_k = linear_bn(size, size, batch_norm, sync)
         self.linear_v = linear_bn(size, size, batch_norm, sync)
@@ -82,6 +103,7 @@ class RelPositionAttention(Reparameterizable):
         torch.nn.init.xavier_uniform_(self.pos_bias_u)
         torch.nn.init.xavier_uniform_(self.pos_bias_v)
         self.dropout = torch.nn.Dropout(dropout_rate)
+        self.pos_cache: Optional[torch.Tensor] = None  # deploy: (1, H, 2L-1, d_k)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, D) -> (B, H, T, d_k)``."""
@@ -89,16 +111,34 @@ class RelPositionAttention(Reparameterizable):
 
     @staticmethod
     def rel_shift(x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, T, 2T-1) -> (B, H, T, T)``: score of query i for key j."""
+        """``(B, H, T, 2T-1) -> (B, H, T, T)``: ``out[i, j] = x[i, T-1-i+j]``."""
         b, h, t, p = x.shape
-        x = torch.nn.functional.pad(x, (1, 0)).view(b, h, p + 1, t)
-        return x[:, :, 1:].view(b, h, t, p)[:, :, :, : p // 2 + 1]
+        if exporting() or not x.is_contiguous():
+            x = torch.nn.functional.pad(x, (1, 0)).view(b, h, p + 1, t)
+            return x[:, :, 1:].view(b, h, t, p)[:, :, :, : p // 2 + 1]
+        # the same entries as a strided view: row i starts at i * (p - 1) + t - 1
+        return x.as_strided(
+            (b, h, t, t),
+            (x.stride(0), x.stride(1), p - 1, 1),
+            x.storage_offset() + t - 1,
+        )
+
+    def _positions(self, pos_emb: torch.Tensor) -> torch.Tensor:
+        """``pos_emb (1, 2T-1, D)`` -> projected table ``(1, H, 2T-1, d_k)``."""
+        if self.pos_cache is None or self.training or exporting():
+            return self._heads(self.linear_pos(pos_emb))
+        cache, n = self.pos_cache, pos_emb.size(1)
+        if cache.size(2) < n or cache.dtype != pos_emb.dtype:
+            cache = self._heads(self.linear_pos(pos_emb))
+            self.pos_cache = cache
+        start = (cache.size(2) - n) // 2  # tables are centred on relative position 0
+        return cache[:, :, start : start + n]
 
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
-        key_pad: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        key_pad: Optional[torch.Tensor],
         pos_emb: torch.Tensor,
     ) -> torch.Tensor:
         """Attend over the valid frames.
@@ -106,7 +146,7 @@ class RelPositionAttention(Reparameterizable):
         Args:
             x: ``(B, T, D)``.
             mask: ``(B, T, 1)`` bool, True on valid frames (BatchNorm statistics).
-            key_pad: ``(B, 1, 1, T)`` bool, True on padded keys.
+            key_pad: ``(B, 1, 1, T)`` bool, True on padded keys; ``None``: no padding.
             pos_emb: ``(1, 2T-1, D)`` relative position table.
 
         Returns:
@@ -120,25 +160,33 @@ class RelPositionAttention(Reparameterizable):
             v = self.linear_v(x, mask)
         q = q.view(q.size(0), -1, self.heads, self.d_k)  # (B, T, H, d_k)
         k, v = self._heads(k), self._heads(v)  # (B, H, T, d_k)
-        p = self._heads(self.linear_pos(pos_emb))  # (1, H, 2T-1, d_k)
+        p = self._positions(pos_emb)  # (1, H, 2T-1, d_k)
         q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, H, T, d_k)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
         scores = torch.matmul(q_u, k.transpose(-2, -1))  # (B, H, T, T)
         scores = scores + self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))
-        scores = (scores / math.sqrt(self.d_k)).masked_fill(
-            key_pad, torch.finfo(scores.dtype).min
-        )
-        attn = torch.softmax(scores, dim=-1).masked_fill(key_pad, 0.0)
+        if self.score_scale != 1.0:
+            scores = scores * self.score_scale
+        if key_pad is not None:
+            scores = scores.masked_fill(key_pad, torch.finfo(scores.dtype).min)
+        attn = torch.softmax(scores, dim=-1)
+        if key_pad is not None:
+            attn = attn.masked_fill(key_pad, 0.0)
         ctx = torch.matmul(self.dropout(attn), v)  # (B, H, T, d_k)
         ctx = ctx.transpose(1, 2).reshape(x.size(0), -1, self.heads * self.d_k)
         return self.linear_out(ctx, mask)
 
     def reparameterize(self) -> None:
-        """Fold the BatchNorms and merge q/k/v into ``linear_qkv`` (idempotent)."""
+        """Deploy form: merged q/k/v, scale in the weights, cached positions."""
         if self.linear_qkv is not None:
             return
         for proj in (self.linear_q, self.linear_k, self.linear_v, self.linear_out):
             proj.reparameterize()
+        _scale_(self.linear_q.layer, self.score_scale)
+        with torch.no_grad():
+            self.pos_bias_u.mul_(self.score_scale)
+            self.pos_bias_v.mul_(self.score_scale)
+        self.score_scale = 1.0
         layers = [p.layer for p in (self.linear_q, self.linear_k, self.linear_v)]
         weight = torch.cat([lin.weight for lin in layers], dim=0)
         bias = torch.cat([lin.bias for lin in layers], dim=0)
@@ -149,16 +197,18 @@ class RelPositionAttention(Reparameterizable):
             qkv.bias.copy_(bias)
         self.linear_qkv = qkv
         self.linear_q = self.linear_k = self.linear_v = None
+        self.pos_cache = torch.empty(1, self.heads, 0, self.d_k)
 
 
-class ConvModule(torch.nn.Module):
+class ConvModule(Reparameterizable):
     """Conformer convolution module without GLU (FusionFormer) or with it (reference).
 
     ``pointwise_conv1 (D -> D, or D -> 2D + GLU) -> [BN] -> act -> mask ->
     depthwise_conv -> BN -> act -> pointwise_conv2 -> [BN]``. Pointwise convolutions
     are ``Linear`` on ``(B, T, D)``. Padded frames are zeroed right before the
     depthwise convolution, so that a bias (or a folded BatchNorm) written into them
-    never reaches valid frames.
+    never reaches valid frames. The deploy form runs the depthwise convolution as a
+    ``(K, 1)`` Conv2d on the channels-last view of ``(B, T, D)``: no transposes.
     """
 
     def __init__(
@@ -181,27 +231,59 @@ class ConvModule(torch.nn.Module):
             size, size, kernel_size, padding=kernel_size // 2, groups=size
         )
         self.depthwise_conv = LayerBN(depthwise, batch_norm=True, sync=sync)
+        self.depthwise_2d: Optional[torch.nn.Conv2d] = None
         self.activation = make_activation(activation)
         self.pointwise_conv2 = linear_bn(size, size, batch_norm, sync)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``(B, T, D) -> (B, T, D)``."""
         x = self.pointwise_conv1(x, mask)
         if self.glu:
             x = torch.nn.functional.glu(x, dim=-1)
         else:
             x = self.activation(x)
-        x = x.masked_fill(~mask, 0.0).transpose(1, 2)  # (B, D, T)
-        x = self.depthwise_conv(x, mask.transpose(1, 2))
-        x = self.activation(x).transpose(1, 2)  # (B, T, D)
+        if mask is not None:
+            x = x.masked_fill(~mask, 0.0)
+        if self.depthwise_2d is not None:
+            # (B, D, T, 1) channels-last is the memory of (B, T, D)
+            x = self.depthwise_2d(x.transpose(1, 2).unsqueeze(-1))
+            x = self.activation(x.squeeze(-1).transpose(1, 2))  # (B, T, D)
+        else:
+            x_mask = None if mask is None else mask.transpose(1, 2)  # (B, 1, T)
+            x = self.depthwise_conv(x.transpose(1, 2), x_mask)  # (B, D, T)
+            x = self.activation(x).transpose(1, 2)  # (B, T, D)
         return self.pointwise_conv2(x, mask)
 
+    def reparameterize(self) -> None:
+        """Deploy form: the folded depthwise conv as a channels-last Conv2d."""
+        if self.depthwise_2d is not None:
+            return
+        self.depthwise_conv.reparameterize()
+        conv1d = self.depthwise_conv.layer
+        conv = torch.nn.Conv2d(
+            conv1d.in_channels,
+            conv1d.out_channels,
+            (conv1d.kernel_size[0], 1),
+            padding=(conv1d.padding[0], 0),
+            groups=conv1d.groups,
+            device=conv1d.weight.device,
+            dtype=conv1d.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(conv1d.weight.unsqueeze(-1))
+            conv.bias.copy_(conv1d.bias)
+        self.depthwise_2d = conv.to(memory_format=torch.channels_last).train(
+            self.training
+        )
+        self.depthwise_conv = None
 
-class FusionFormerBlock(torch.nn.Module):
+
+class FusionFormerBlock(Reparameterizable):
     """Macaron FFN, self-attention, convolution module, FFN, each with a residual.
 
     ``pre_norm`` puts a norm before each module plus a final one, as the Conformer
     does (``"layer"``), BatchNorm in those places (``"batch"``), or none (``None``).
+    The deploy form folds the macaron ``0.5`` into the FFN output weights.
     """
 
     def __init__(
@@ -234,24 +316,40 @@ class FusionFormerBlock(torch.nn.Module):
         self.norm_final = make_norm(pre_norm, size, sync)
         self.dropout = torch.nn.Dropout(dropout_rate)
 
+    def _ffn(
+        self, ffn: FeedForward, x: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        y = self.dropout(ffn(x, mask))
+        return y if self.ff_scale == 1.0 else self.ff_scale * y
+
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
-        key_pad: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        key_pad: Optional[torch.Tensor],
         pos_emb: torch.Tensor,
     ) -> torch.Tensor:
         """``(B, T, D) -> (B, T, D)``; see ``RelPositionAttention`` for the masks."""
         if self.feed_forward_macaron is not None:
             h = x if self.norm_ff_macaron is None else self.norm_ff_macaron(x, mask)
-            x = x + self.ff_scale * self.dropout(self.feed_forward_macaron(h, mask))
+            x = x + self._ffn(self.feed_forward_macaron, h, mask)
         h = x if self.norm_mha is None else self.norm_mha(x, mask)
         x = x + self.dropout(self.attention(h, mask, key_pad, pos_emb))
         if self.conv_module is not None:
             h = x if self.norm_conv is None else self.norm_conv(x, mask)
             x = x + self.dropout(self.conv_module(h, mask))
         h = x if self.norm_ff is None else self.norm_ff(x, mask)
-        x = x + self.ff_scale * self.dropout(self.feed_forward(h, mask))
+        x = x + self._ffn(self.feed_forward, h, mask)
         if self.norm_final is not None:
             x = self.norm_final(x, mask)
         return x
+
+    def reparameterize(self) -> None:
+        """Deploy form: the FFN scale goes into the FFN output projections."""
+        if self.ff_scale == 1.0:
+            return
+        for ffn in (self.feed_forward, self.feed_forward_macaron):
+            if ffn is not None:  # w_2 is folded already: a plain linear output
+                ffn.w_2.reparameterize()
+                _scale_(ffn.w_2.layer, self.ff_scale)
+        self.ff_scale = 1.0

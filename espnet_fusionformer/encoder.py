@@ -12,6 +12,7 @@ from espnet_fusionformer.blocks import (
     FeedForward,
     FusionFormerBlock,
     RelPositionAttention,
+    exporting,
 )
 from espnet_fusionformer.fusable import Reparameterizable
 from espnet_fusionformer.norm import make_norm
@@ -314,8 +315,10 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(B, T, F), (B,) -> (B, T', D), (B,)`` without checks or dispatch."""
         xs, pos_emb, valid = self.embed(xs_pad, ilens)  # (B, T', D), (B, T')
-        mask = valid.unsqueeze(-1)  # (B, T', 1)
-        key_pad = ~valid[:, None, None, :]  # (B, 1, 1, T')
+        mask: Optional[torch.Tensor] = valid.unsqueeze(-1)  # (B, T', 1)
+        key_pad: Optional[torch.Tensor] = ~valid[:, None, None, :]  # (B, 1, 1, T')
+        if not self.training and not exporting() and bool(valid.all()):
+            mask = key_pad = None  # nothing padded: skip the masking
         for block in self.encoders:
             xs = block(xs, mask, key_pad, pos_emb)
         if self.after_norm is not None:

@@ -58,7 +58,7 @@ class LayerBN(Reparameterizable):
             else None
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Apply the layer, then the BatchNorm (statistics over ``mask``'s frames).
 
         Args:

@@ -62,13 +62,13 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
         shape[self.channel_dim] = -1
         return shape
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Normalize ``x``.
 
         Args:
             x: ``(B, T, C)``, ``(B, C, T)`` or ``(B, C, T, F)`` (see ``channel_dim``).
             mask: bool, True on valid frames, broadcastable to ``x``, e.g.
-                ``(B, T, 1)``, ``(B, 1, T)`` or ``(B, 1, T, 1)``.
+                ``(B, T, 1)``, ``(B, 1, T)`` or ``(B, 1, T, 1)``; ``None``: all valid.
 
         Returns:
             Tensor shaped like ``x``.
@@ -80,6 +80,8 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
             return x * scale.view(shape) + shift.view(shape)
 
         dims = [d for d in range(x.dim()) if d != self.channel_dim % x.dim()]
+        if mask is None:  # no padding
+            mask = torch.ones([1] * x.dim(), dtype=torch.bool, device=x.device)
         weight = mask.to(x.dtype)
         # frames per channel: valid mask entries times the dims the mask broadcasts
         count = weight.sum() * (
@@ -121,7 +123,7 @@ class MaskedLayerNorm(torch.nn.LayerNorm):
     norm in the encoder is called the same way.
     """
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         return super().forward(x)
 
 

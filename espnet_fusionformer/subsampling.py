@@ -13,7 +13,7 @@ import torch
 from espnet.nets.pytorch_backend.transformer.embedding import RelPositionalEncoding
 from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError
 
-from espnet_fusionformer.fusable import LayerBN, linear_bn
+from espnet_fusionformer.fusable import LayerBN, Reparameterizable, linear_bn
 
 # input_layer -> (kernel, stride) of each Conv2d, as ESPnet's Conv2dSubsampling{,6,8}
 SUBSAMPLING = {
@@ -28,7 +28,7 @@ def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
 
 
-class Conv2dSubsampling(torch.nn.Module):
+class Conv2dSubsampling(Reparameterizable):
     """``(B, T, F)`` features -> ``(B, T', D)`` frames plus relative position table.
 
     Args:
@@ -67,6 +67,7 @@ class Conv2dSubsampling(torch.nn.Module):
                 f"input_size {input_size} is too small for input_layer {input_layer!r}"
             )
         self.convs = torch.nn.ModuleList(convs)
+        self.conv_in: Optional[torch.nn.Linear] = None  # deploy: first conv
         self.out = linear_bn(output_size * freq, output_size, batch_norm, sync)
         self.pos_enc = RelPositionalEncoding(output_size, dropout_rate, max_len)
 
@@ -94,6 +95,12 @@ class Conv2dSubsampling(torch.nn.Module):
                 limit,
             )
 
+    def _positions(self, x: torch.Tensor) -> torch.Tensor:
+        """ESPnet's relative position table ``(1, 2T-1, D)`` for ``x (B, T, D)``."""
+        self.pos_enc.extend_pe(x)
+        pe, t = self.pos_enc.pe, x.size(1)
+        return pe[:, pe.size(1) // 2 - t + 1 : pe.size(1) // 2 + t]
+
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,6 +114,8 @@ class Conv2dSubsampling(torch.nn.Module):
             ``(B, T', D)`` frames (scaled by sqrt(D)), ``(1, 2T'-1, D)`` relative
             position table and ``(B, T')`` bool mask of valid frames.
         """
+        if self.conv_in is not None:
+            return self._forward_deploy(x, lengths)
         x = x.unsqueeze(1)  # (B, 1, T, F)
         for conv, (kernel, stride) in zip(self.convs, self.specs):
             lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
@@ -117,3 +126,46 @@ class Conv2dSubsampling(torch.nn.Module):
         x = self.out(x, mask.unsqueeze(-1))
         x, pos_emb = self.pos_enc(x)
         return x, pos_emb, mask
+
+    def _forward_deploy(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Deploy form of ``forward``: channels-last convolutions, no transposes."""
+        kernel, stride = self.specs[0]
+        patches = x.unfold(1, kernel, stride).unfold(2, kernel, stride)
+        b, t, f = patches.shape[:3]  # (B, T1, F1, k, k)
+        h = torch.relu_(self.conv_in(patches.reshape(b, t, f, kernel * kernel)))
+        h = h.permute(0, 3, 1, 2)  # (B, C, T1, F1) view of channels-last memory
+        lengths = self.output_lengths(lengths)
+        for conv in self.convs:
+            h = torch.relu_(conv(h, None))
+        h = h.permute(0, 2, 3, 1)  # (B, T', F', C)
+        x = self.out(h.reshape(b, h.size(1), -1), None)  # scaled by sqrt(D)
+        return x, self._positions(x), valid_mask(lengths, x.size(1))
+
+    def reparameterize(self) -> None:
+        """Deploy form: the first conv as a matmul over patches, the others
+        channels-last, the output projection reading ``(F', C)`` order and
+        including the ``sqrt(D)`` scale of the positional encoding."""
+        if self.conv_in is not None:
+            return
+        for module in (*self.convs, self.out):
+            module.reparameterize()
+        first = self.convs[0].layer
+        conv_in = torch.nn.Linear(
+            first.weight[0].numel(), first.out_channels, device=first.weight.device
+        )
+        out = self.out.layer
+        channels = first.out_channels
+        freq = out.in_features // channels
+        with torch.no_grad():
+            conv_in.weight.copy_(first.weight.reshape(first.out_channels, -1))
+            conv_in.bias.copy_(first.bias)
+            weight = out.weight.view(out.out_features, channels, freq)
+            out.weight.copy_(weight.transpose(1, 2).reshape(out.out_features, -1))
+            out.weight.mul_(self.pos_enc.xscale)
+            out.bias.mul_(self.pos_enc.xscale)
+        self.conv_in = conv_in.to(first.weight.dtype).train(self.training)
+        self.convs = torch.nn.ModuleList(
+            [c.to(memory_format=torch.channels_last) for c in self.convs[1:]]
+        ).train(self.training)
