@@ -309,7 +309,7 @@ def script_fn(module) -> Callable:
 
 
 def ort_prep(xs, ilens):
-    return {"feats": xs.numpy(), "feats_lengths": ilens.numpy()}
+    return ({"feats": xs.numpy(), "feats_lengths": ilens.numpy()},)
 
 
 def ort_fn(session) -> Callable:
@@ -338,18 +338,21 @@ def build_exports(models, conf, workdir: Path, log) -> Tuple[Dict, Dict]:
     )
 
     wrappers = {
-        CONFORMER: EncoderWrapper(models[CONFORMER], call="forward").eval(),
-        FUSIONFORMER: EncoderWrapper(models["fused"], call="encode").eval(),
+        CONFORMER: EncoderWrapper(
+            models[CONFORMER], call="forward", input_size=conf["input_size"]
+        ).eval(),
+        FUSIONFORMER: EncoderWrapper(
+            models["fused"], call="encode", input_size=conf["input_size"]
+        ).eval(),
     }
     status: Dict[str, Dict] = {CONFORMER: {}, FUSIONFORMER: {}}
     artifacts: Dict[str, Dict] = {CONFORMER: {}, FUSIONFORMER: {}}
     for name, wrapper in wrappers.items():
-        encoder = wrapper.encoder
         if conf["torchscript"]:
             entry = status[name].setdefault("torchscript", {})
             start = time.perf_counter()
             try:
-                traced = trace_module(wrapper, encoder)
+                traced = trace_module(wrapper)
                 try:
                     traced = torch.jit.freeze(traced.eval())
                     entry["method"] = "torch.jit.trace + torch.jit.freeze"
@@ -373,9 +376,7 @@ def build_exports(models, conf, workdir: Path, log) -> Tuple[Dict, Dict]:
             path = workdir / f"{name}.onnx"
             start = time.perf_counter()
             try:
-                entry["method"] = onnx_export_module(
-                    wrapper, encoder, path, conf["opset"]
-                )
+                entry["method"] = onnx_export_module(wrapper, path, conf["opset"])
                 entry["size_mb"] = round(path.stat().st_size / 1e6, 1)
                 session = onnx_session(path, 1)
                 entry["max_abs_diff"] = check_export(
@@ -827,24 +828,36 @@ def plot(result: Dict, path: Path) -> None:
                 label="FusionFormer (unfused)",
                 color="#aec7e8",
             )
+        tops = [
+            max(
+                conf_ms[i],
+                ff_ms[i],
+                extra[i][FUSIONFORMER]["median_ms"] if extra[i] else 0,
+            )
+            for i in range(len(items))
+        ]
         for i, r in enumerate(items):
             if r["ratio"] is not None:
                 color = {True: "green", False: "red"}.get(r["met"], "black")
                 ax.annotate(
                     f"{r['ratio']:.2f}",
-                    (i, max(conf_ms[i], ff_ms[i])),
+                    (i, tops[i]),
                     textcoords="offset points",
                     xytext=(0, 3),
                     ha="center",
                     fontsize=8,
                     color=color,
+                    fontweight="bold" if r["met"] is not None else "normal",
                 )
+        positive = [v for v in conf_ms + ff_ms if v > 0]
+        if positive:
+            ax.set_ylim(min(positive) / 1.5, max(tops) * 2.5)
         ax.set_xticks(list(x))
-        ax.set_xticklabels([r["label"] for r in items], fontsize=8)
+        ax.set_xticklabels([short_label(r) for r in items], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("ms (median)")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     m = result["machine"]
@@ -859,6 +872,16 @@ def plot(result: Dict, path: Path) -> None:
     plt.close(fig)
 
 
+def short_label(r: Dict) -> str:
+    if r["section"] == "latency":
+        return r["label"]
+    if r["section"] == "train":
+        return "train step"
+    return {"eager": "eager", "onnxruntime": "ONNX RT", "torchscript": "TS"}.get(
+        r["engine"], r["engine"]
+    )
+
+
 def row_panel(r: Dict) -> str:
     if r["section"] == "latency":
         name = {
@@ -867,7 +890,10 @@ def row_panel(r: Dict) -> str:
             "onnxruntime": "ONNX Runtime",
         }[r["engine"]]
         return f"{name}, batch 1, {r['threads']} thread(s)"
-    return f"batch {r['batch']}, {r['threads']} thread(s)"
+    return (
+        f"batch {r['batch']} mixed lengths ({r['audio_s']:g} s audio), "
+        f"{r['threads']} thread(s); train: FF training form"
+    )
 
 
 # -- main --------------------------------------------------------------------------
@@ -1019,14 +1045,14 @@ def run(conf: Dict, progress=None) -> Dict:
         "rel_selfattn, swish, macaron, normalize_before, use_flash_attn=False).",
         "FusionFormer BatchNorm statistics come from 2 training-mode passes on "
         "random features (timing does not depend on the values).",
-        "TorchScript and ONNX: both encoders are wrapped the same way "
+        f"TorchScript and ONNX: both encoders are wrapped the same way "
         "((feats, feats_lengths) -> (encoded, encoded_lengths); Conformer via "
         "forward, FusionFormer via the fused encode), traced on a padded batch of "
         "2, and checked against eager on other lengths and batch sizes. ONNX: "
-        "torch.onnx.export opset %d, dynamic batch/time; the method column says "
-        "if the plain legacy exporter failed. ORT: CPUExecutionProvider, "
-        "intra_op threads = threads, inter_op 1, sequential, all graph "
-        "optimizations." % conf["opset"],
+        f"torch.onnx.export opset {conf['opset']}, dynamic batch/time; the "
+        "Exports section says if the plain legacy exporter failed. ORT: "
+        "CPUExecutionProvider, intra_op threads = threads, inter_op 1, "
+        "sequential, all graph optimizations.",
         "Targets apply at 1 thread: eager fused ≤ 0.85 at 10 s and 2.6 s, "
         "≤ 0.82 for the 67-frame chunk; ONNX Runtime ≤ 0.90 at the same three "
         "lengths; training step (forward+backward, batch of the mixed lengths, "

@@ -23,9 +23,13 @@ frontend/normalize of the training config).
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -56,14 +60,26 @@ class EncoderWrapper(torch.nn.Module):
             (``call="forward"``, used by the benchmark for ESPnet's Conformer).
         call: ``"encode"`` (no input checks, nothing data-dependent to trace) or
             ``"forward"``.
+        input_size: feature size ``F``; default: ``encoder.input_size``.
     """
 
-    def __init__(self, encoder: torch.nn.Module, call: str = "encode") -> None:
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        call: str = "encode",
+        input_size: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if call not in ("encode", "forward"):
             raise ValueError(f"call must be 'encode' or 'forward', got {call!r}")
         self.encoder = encoder
         self.call = call
+        if input_size is None:
+            input_size = getattr(encoder, "input_size", None)
+        if input_size is None:
+            raise ValueError("the encoder has no input_size attribute: pass one")
+        self.input_size = int(input_size)
+        self.min_frames = min_input_frames(encoder)
 
     def forward(
         self, feats: torch.Tensor, feats_lengths: torch.Tensor
@@ -109,35 +125,26 @@ def min_input_frames(encoder: torch.nn.Module) -> int:
     return 1
 
 
-def input_size(encoder: torch.nn.Module) -> int:
-    size = getattr(encoder, "input_size", None)
-    if size is None:
-        raise ValueError("the encoder has no input_size attribute")
-    return int(size)
-
-
 def example_inputs(
-    encoder: torch.nn.Module, lengths: Sequence[int], seed: int = 0
+    size: int, lengths: Sequence[int], seed: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A zero-padded random batch ``(B, max(lengths), F), (B,)``."""
+    """A zero-padded random batch ``(B, max(lengths), size), (B,)``."""
     gen = torch.Generator().manual_seed(seed)
-    feats = torch.randn(len(lengths), max(lengths), input_size(encoder), generator=gen)
+    feats = torch.randn(len(lengths), max(lengths), size, generator=gen)
     ilens = torch.tensor(list(lengths), dtype=torch.long)
     pad = torch.arange(max(lengths))[None, :, None] >= ilens[:, None, None]
     return feats.masked_fill(pad, 0.0), ilens
 
 
-def _trace_lengths(encoder: torch.nn.Module) -> List[int]:
+def _trace_lengths(shortest: int) -> List[int]:
     # a padded batch of two, so that any "nothing is padded" fast path stays out
     # of the traced graph (tracing records only the branch the example takes)
-    shortest = min_input_frames(encoder)
     longest = max(4 * shortest, 120)
     return [longest, max(shortest, (3 * longest) // 4)]
 
 
-def _check_lengths(encoder: torch.nn.Module) -> List[List[int]]:
+def _check_lengths(shortest: int) -> List[List[int]]:
     # other time lengths and batch sizes than the traced example, padded and not
-    shortest = min_input_frames(encoder)
     long = max(6 * shortest, 203)
     return [[long], [max(2 * shortest, 77), max(shortest, 59)]]
 
@@ -158,10 +165,9 @@ def check_export(
     Raises:
         RuntimeError: on a length mismatch or a difference beyond the tolerance.
     """
-    encoder = reference.encoder
     worst = 0.0
-    for i, lens in enumerate(lengths or _check_lengths(encoder)):
-        feats, ilens = example_inputs(encoder, lens, seed=100 + i)
+    for i, lens in enumerate(lengths or _check_lengths(reference.min_frames)):
+        feats, ilens = example_inputs(reference.input_size, lens, seed=100 + i)
         with torch.no_grad():
             ref, ref_lens = reference(feats, ilens)
         out, out_lens = run(feats, ilens)
@@ -187,10 +193,12 @@ def check_export(
 
 
 # -- TorchScript -------------------------------------------------------------------
-def trace_module(wrapper: torch.nn.Module, encoder: torch.nn.Module):
+def trace_module(wrapper: EncoderWrapper):
     """``torch.jit.trace`` of ``wrapper`` on a padded example batch."""
     wrapper.eval()
-    feats, ilens = example_inputs(encoder, _trace_lengths(encoder))
+    feats, ilens = example_inputs(
+        wrapper.input_size, _trace_lengths(wrapper.min_frames)
+    )
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return torch.jit.trace(wrapper, (feats, ilens), check_trace=False)
@@ -210,7 +218,7 @@ def export_torchscript(encoder: torch.nn.Module, path, verify: bool = True) -> P
     """
     deployed = deploy_encoder(encoder)
     wrapper = EncoderWrapper(deployed).eval()
-    traced = trace_module(wrapper, deployed)
+    traced = trace_module(wrapper)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(traced, str(path))
@@ -226,6 +234,25 @@ def export_torchscript(encoder: torch.nn.Module, path, verify: bool = True) -> P
 
 
 # -- ONNX --------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence file descriptor 1 (C++ prints too); the text is dropped."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _unfold_symbolic(g, input, dimension, size, step):
     """``Tensor.unfold`` for the legacy ONNX exporter with a dynamic axis length.
 
@@ -261,8 +288,7 @@ def _unfold_symbolic(g, input, dimension, size, step):
 
 
 def onnx_export_module(
-    wrapper: torch.nn.Module,
-    encoder: torch.nn.Module,
+    wrapper: EncoderWrapper,
     path,
     opset: int = 17,
 ) -> str:
@@ -281,7 +307,7 @@ def onnx_export_module(
     wrapper.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_inputs(encoder, _trace_lengths(encoder))
+    example = example_inputs(wrapper.input_size, _trace_lengths(wrapper.min_frames))
     errors = []
     for method in ("legacy", "legacy+unfold", "dynamo"):
         if method == "legacy+unfold":
@@ -291,7 +317,8 @@ def onnx_export_module(
                 "aten::unfold", _unfold_symbolic, opset
             )
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            # (the legacy exporter prints the whole graph to stdout on failure)
+            with warnings.catch_warnings(), torch.no_grad(), _quiet_stdout():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     wrapper,
@@ -361,7 +388,7 @@ def export_onnx(
     deployed = deploy_encoder(encoder)
     wrapper = EncoderWrapper(deployed).eval()
     path = Path(path)
-    method = onnx_export_module(wrapper, deployed, path, opset)
+    method = onnx_export_module(wrapper, path, opset)
     if method != "legacy":
         logging.warning("ONNX: the plain legacy exporter failed, used %s", method)
     if verify:
@@ -377,7 +404,7 @@ def export_onnx(
 # -- description -------------------------------------------------------------------
 def describe(encoder: torch.nn.Module) -> Dict:
     """Sizes and subsampling of a FusionFormer encoder, for ``encoder.json``."""
-    info = dict(input_size=input_size(encoder), output_size=encoder.output_size())
+    info = dict(input_size=int(encoder.input_size), output_size=encoder.output_size())
     embed = getattr(encoder, "embed", None)
     specs = getattr(embed, "specs", None)
     if specs is not None:
