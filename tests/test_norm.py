@@ -69,6 +69,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     xs, mask, probe = inputs()
     part = slice(2 * rank, 2 * rank + 2)
     torch.save(run(bn, xs[part], mask[part], probe[part]), f"{out}.{rank}")
+    dist.barrier()  # neither rank closes its gloo pairs while the other still uses them
     dist.destroy_process_group()
 
 
