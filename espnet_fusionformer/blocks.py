@@ -31,6 +31,11 @@ def make_activation(name: str) -> torch.nn.Module:
     return ACTIVATIONS[name](inplace=True)
 
 
+def dropout(module: torch.nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, without the module call where it is the identity (eval)."""
+    return module(x) if module.training and module.p > 0 else x
+
+
 def exporting() -> bool:
     """Tracing for TorchScript/ONNX: no value-dependent shortcuts or caches."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
@@ -63,7 +68,7 @@ class FeedForward(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``(B, T, D) -> (B, T, D)``."""
-        x = self.dropout(self.activation(self.w_1(x, mask)))
+        x = dropout(self.dropout, self.activation(self.w_1(x, mask)))
         return self.w_2(x, mask)
 
 
@@ -172,7 +177,7 @@ class RelPositionAttention(Reparameterizable):
         attn = torch.softmax(scores, dim=-1)
         if key_pad is not None:
             attn = attn.masked_fill(key_pad, 0.0)
-        ctx = torch.matmul(self.dropout(attn), v)  # (B, H, T, d_k)
+        ctx = torch.matmul(dropout(self.dropout, attn), v)  # (B, H, T, d_k)
         ctx = ctx.transpose(1, 2).reshape(x.size(0), -1, self.heads * self.d_k)
         return self.linear_out(ctx, mask)
 
@@ -319,7 +324,7 @@ class FusionFormerBlock(Reparameterizable):
     def _ffn(
         self, ffn: FeedForward, x: torch.Tensor, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        y = self.dropout(ffn(x, mask))
+        y = dropout(self.dropout, ffn(x, mask))
         return y if self.ff_scale == 1.0 else self.ff_scale * y
 
     def forward(
@@ -334,10 +339,10 @@ class FusionFormerBlock(Reparameterizable):
             h = x if self.norm_ff_macaron is None else self.norm_ff_macaron(x, mask)
             x = x + self._ffn(self.feed_forward_macaron, h, mask)
         h = x if self.norm_mha is None else self.norm_mha(x, mask)
-        x = x + self.dropout(self.attention(h, mask, key_pad, pos_emb))
+        x = x + dropout(self.dropout, self.attention(h, mask, key_pad, pos_emb))
         if self.conv_module is not None:
             h = x if self.norm_conv is None else self.norm_conv(x, mask)
-            x = x + self.dropout(self.conv_module(h, mask))
+            x = x + dropout(self.dropout, self.conv_module(h, mask))
         h = x if self.norm_ff is None else self.norm_ff(x, mask)
         x = x + self._ffn(self.feed_forward, h, mask)
         if self.norm_final is not None:

@@ -65,6 +65,9 @@ class LayerBN(Reparameterizable):
             x: ``(B, T, Cin)`` for Linear, ``(B, Cin, T[, F])`` for convolutions.
             mask: bool, True on valid frames, broadcastable to the output.
         """
+        if self.bn is None and isinstance(self.layer, torch.nn.Linear):
+            # deploy form: skip the module call, the hottest path at small batches
+            return torch.nn.functional.linear(x, self.layer.weight, self.layer.bias)
         x = self.layer(x)
         if self.bn is not None:
             x = self.bn(x, mask)
