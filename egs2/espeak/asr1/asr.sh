@@ -534,12 +534,16 @@ if ! "${skip_data_prep}"; then
 
     if run_stage 3; then
         banner 3 "Format wav.scp: data/ -> ${data_feats}"
+        _done=" "
         for dset in "${train_set}" "${valid_set}" ${test_sets}; do
             if [ "${dset}" = "${train_set}" ] || [ "${dset}" = "${valid_set}" ]; then
                 _suf="/org"
             else
                 _suf=""
             fi
+            # A test set that is also the valid set is formatted once (-> /org).
+            [[ "${_done}" == *" ${dset} "* ]] && continue
+            _done+="${dset} "
             [ -f "data/${dset}/wav.scp" ] || die "data/${dset}/wav.scp not found: run stage 1 first"
             [ -e "data/${dset}/segments" ] && unsupported "data/${dset}/segments"
             rm -rf "${data_feats}${_suf}/${dset}"
