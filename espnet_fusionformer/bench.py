@@ -41,7 +41,7 @@ FULL = dict(
     threads=[1, 2],
     repeats=15,
     min_repeats=5,
-    budget=12.0,
+    budget=10.0,
     warmup=1,
 )
 QUICK = dict(
@@ -120,6 +120,12 @@ def get_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, nargs="+", help="torch/ORT threads (default 1 2)")
     add("--lengths", type=int, nargs="+", help="batch-1 input frames (100 = 1 s)")
     add("--batch-lengths", type=int, nargs="+", help="frames of the mixed batch")
+    add(
+        "--batch-threads",
+        type=int,
+        help="threads of the batch throughput and training step (default: the "
+        "smallest of --threads: stable on a shared machine)",
+    )
     add("--input-size", type=int, default=80, help="feature size (80)")
     add("--output-size", type=int, help="model size (256)")
     add("--attention-heads", type=int, help="heads (4)")
@@ -145,6 +151,9 @@ def resolve(args: argparse.Namespace) -> Dict:
         conf[key] = default if value is None else value
     for key in ("input_size", "input_layer", "opset", "seed", "out"):
         conf[key] = getattr(args, key)
+    conf["batch_threads"] = args.batch_threads or min(conf["threads"])
+    if conf["batch_threads"] not in conf["threads"]:
+        conf["threads"] = sorted({*conf["threads"], conf["batch_threads"]})
     conf["quick"] = args.quick
     conf["onnx"] = not args.no_onnx
     conf["torchscript"] = not args.no_torchscript
@@ -516,11 +525,12 @@ def finish_row(row: Dict) -> Dict:
 
 
 # -- profiling ---------------------------------------------------------------------
-def op_shares(call: Callable[[], object], repeats: int = 2) -> Dict:
+def op_shares(call: Callable[[], object], repeats: int = 2, warm: bool = True) -> Dict:
     """Self-CPU-time shares of normalization and activation ops (by op name)."""
     from torch.profiler import ProfilerActivity, profile
 
-    call()
+    if warm:
+        call()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
             call()
@@ -664,6 +674,18 @@ def status(row: Dict) -> str:
     return f"≤ {row['target']:.2f}: **{'met' if row['met'] else 'missed'}**"
 
 
+def busy_warning(m: Dict) -> str:
+    loads = [x[0] for x in (m.get("loadavg_start"), m.get("loadavg_end")) if x]
+    cpus = m.get("logical_cpus") or 1
+    if loads and max(loads) > cpus - 0.5:
+        return (
+            f". **The 1-min load average reached {max(loads):.1f} on {cpus} CPUs: "
+            "other processes competed for the cores, so multi-thread timings "
+            "(and their spread) are unreliable; 1-thread rows are the robust ones.**"
+        )
+    return ""
+
+
 def markdown(result: Dict) -> str:
     m, conf, models = result["machine"], result["config"], result["models"]
     c, f = models[CONFORMER], models[FUSIONFORMER]
@@ -674,7 +696,8 @@ def markdown(result: Dict) -> str:
         f"{m['torch']}, onnxruntime {m.get('onnxruntime')}, espnet "
         f"{m.get('espnet')}, Python {m['python']}; {m['date']}",
         f"- Load average at start/end: {m.get('loadavg_start')} / "
-        f"{m.get('loadavg_end')} (shared machine: other jobs may add noise)",
+        f"{m.get('loadavg_end')} (shared machine: other jobs may add noise)"
+        + busy_warning(m),
         f"- Models: {c['blocks']} blocks, d_model {c['d_model']}, {c['heads']} heads, "
         f"FFN {c['units']}, kernel {c['kernel']}, {c['input_layer']} subsampling, "
         f"{c['input_size']}-dim features at {FRAMES_PER_SECOND} frames/s. "
@@ -746,7 +769,7 @@ def static_lines(result: Dict) -> List[str]:
         f"## Cost and profile ({s.get('frames')} frames = "
         f"{s.get('frames', 0) / FRAMES_PER_SECOND:g} s, batch 1, 1 thread; training: "
         f"batch {len(result['config']['batch_lengths'])}, "
-        f"{result['config']['threads'][-1]} thread(s))",
+        f"{result['config']['batch_threads']} thread(s))",
         "",
         "| | " + " | ".join(label for _, label in names) + " | fused/Conformer |",
         "|---|---:|---:|---:|---:|",
@@ -968,7 +991,7 @@ def run(conf: Dict, progress=None) -> Dict:
                 )
                 rows += comparison_rows(times, engines, base)
                 advance()
-            if th == max(threads):
+            if th == conf["batch_threads"]:
                 step(f"batch {len(conf['batch_lengths'])}, {th} thr")
                 xs, ilens = mixed
                 batch_engines = [e for e in engines if "torchscript" not in e.key]
@@ -997,7 +1020,7 @@ def run(conf: Dict, progress=None) -> Dict:
             gc.collect()
 
         if conf["train"]:
-            th = max(threads)
+            th = conf["batch_threads"]
             torch.set_num_threads(th)
             step(f"training step, {th} thr")
             xs, ilens = mixed
@@ -1056,7 +1079,8 @@ def run(conf: Dict, progress=None) -> Dict:
         "Targets apply at 1 thread: eager fused ≤ 0.85 at 10 s and 2.6 s, "
         "≤ 0.82 for the 67-frame chunk; ONNX Runtime ≤ 0.90 at the same three "
         "lengths; training step (forward+backward, batch of the mixed lengths, "
-        "loss = masked mean square of the output) ≤ 1.15.",
+        "loss = masked mean square of the output, FusionFormer in training form "
+        f"with masked BatchNorm, {conf['batch_threads']} thread(s)) ≤ 1.15.",
         "Batch throughput: eager and ORT engines on one padded batch of the mixed "
         f"lengths {conf['batch_lengths']} frames; audio_s_per_s in the JSON.",
         "Peak memory: peak of the bytes allocated by tensors during one call, from "
@@ -1127,12 +1151,12 @@ def profile_all(models, trainers, conf, mixed, log) -> Dict:
         except Exception as err:
             log(f"profiling {name} failed: {short_error(err)}")
             traceback.print_exc()
-    torch.set_num_threads(max(conf["threads"]))
+    torch.set_num_threads(conf["batch_threads"])
     for name, model in trainers.items():
         step = train_step_fn(model, *mixed)
         try:
             static.setdefault("train_peak_mb", {})[name] = peak_tensor_memory(step)
-            shares = op_shares(step, repeats=1)
+            shares = op_shares(step, repeats=1, warm=False)
             static.setdefault("train_norm_share", {})[name] = shares["norm_share"]
             static.setdefault("train_act_share", {})[name] = shares["act_share"]
         except Exception as err:
