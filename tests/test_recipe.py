@@ -27,6 +27,7 @@ SMOKE_EXP = "exp/asr_train_smoke_fusionformer_raw_en_char"
 SMOKE_DECODE = "decode_smoke_asr_model_valid.acc.ave"
 
 sys.path.insert(0, str(RECIPE / "local"))
+import check_config  # noqa: E402  (the recipe's local/check_config.py)
 import score  # noqa: E402  (the recipe's local/score.py)
 import synthesize  # noqa: E402  (the recipe's local/synthesize.py)
 
@@ -51,9 +52,10 @@ def copy_recipe(dst: Path) -> Path:
 
 
 def run(recipe: Path, *args: str, timeout: int = 600, env=None):
-    env = {**os.environ, **(env or {})}
+    base = dict(os.environ)
     for var in ("ESPNET_ROOT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        env.pop(var, None)
+        base.pop(var, None)
+    env = {**base, **(env or {})}
     return subprocess.run(
         ["./run.sh", *args],
         cwd=recipe,
@@ -209,14 +211,17 @@ def test_unknown_encoder_fails_early(recipe_copy, tmp_path):
     assert not (recipe_copy / "data").exists()
 
 
-def test_bad_encoder_conf_fails_early(recipe_copy):
-    conf = recipe_copy / "conf" / "train_badconf.yaml"
-    text = (recipe_copy / "conf" / "train_smoke_fusionformer.yaml").read_text()
+def test_bad_encoder_conf_is_reported(tmp_path, capsys):
+    # the same check asr.sh runs before stage 1, called in-process
+    conf = tmp_path / "train_badconf.yaml"
+    text = (RECIPE / "conf" / "train_smoke_fusionformer.yaml").read_text()
     conf.write_text(text.replace("normalization: fusion", "normalization: groupnorm"))
-    proc = run(recipe_copy, "--asr_config", "conf/train_badconf.yaml", timeout=120)
-    assert proc.returncode != 0
-    assert "cannot build the model" in proc.stdout + proc.stderr
-    assert not (recipe_copy / "data").exists()
+    with pytest.raises(SystemExit):
+        check_config.check(str(conf))
+    assert "cannot build the model" in capsys.readouterr().err
+    assert "fusionformer (0.29 M" in check_config.check(
+        str(RECIPE / "conf" / "train_smoke_fusionformer.yaml")
+    )
 
 
 def test_missing_espeak_says_how_to_install(recipe_copy, tmp_path):
@@ -334,3 +339,41 @@ def test_score_counts_sub_del_ins(tmp_path):
     snt, wrd, corr, sub, dele, ins, e, serr = sum_avg(tmp_path / "cer" / "result.txt")
     assert wrd == 33 and e == pytest.approx(sub + dele + ins, abs=0.2)
     assert "Scores: (#C #S #D #I) 10 0 1 0" in (tmp_path / "cer/result.txt").read_text()
+
+
+def test_espnet_root_runs_espnets_own_asr_sh(recipe_copy, tmp_path):
+    # A stand-in ESPnet checkout whose TEMPLATE asr.sh prints what it was given;
+    # it is an older asr.sh that calls the packing switch --skip_upload.
+    template = tmp_path / "espnet" / "egs2" / "TEMPLATE" / "asr1"
+    for d in ("utils", "steps", "scripts", "pyscripts"):
+        (template / d).mkdir(parents=True)
+    known = [
+        "stage", "stop_stage", "skip_upload", "skip_upload_hf", "ngpu", "nj",
+        "inference_nj", "lang", "token_type", "use_lm", "max_wav_duration",
+        "local_data_opts", "asr_config", "inference_config", "train_set",
+        "valid_set", "test_sets",
+    ]  # fmt: skip
+    (template / "asr.sh").write_text(
+        "#!/usr/bin/env bash\n"
+        + "".join(f"{k}=\n" for k in known)
+        + 'printf "ARG[%s]\\n" "$@"\n'
+    )
+    (template / "asr.sh").chmod(0o755)
+    proc = run(
+        recipe_copy,
+        "--stage", "3", "--train_nthreads", "1",
+        env={"ESPNET_ROOT": str(tmp_path / "espnet")},
+        timeout=60,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    args = re.findall(r"ARG\[(.*)\]", proc.stdout)
+    pairs = dict(zip(args[::2], args[1::2]))
+    assert pairs["--stage"] == "3" and pairs["--skip_upload"] == "false"
+    assert pairs["--test_sets"] == "dev test"
+    assert pairs["--asr_config"] == "conf/train_fusionformer.yaml"
+    assert "--skip_packing" not in pairs and "--train_nthreads" not in pairs
+    assert "has no --train_nthreads; dropped" in out
+    for d in ("utils", "steps", "scripts", "pyscripts"):
+        assert (recipe_copy / d).resolve() == (template / d).resolve()
+        (recipe_copy / d).unlink()
