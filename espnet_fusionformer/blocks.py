@@ -7,8 +7,8 @@ linear and convolution layer (FusionFormer); ``False`` gives the Conformer's lay
 
 Each module's ``reparameterize()`` turns it into its deploy form once its
 ``LayerBN`` children are folded (``espnet_fusionformer.fuse`` walks children
-first): constant scales go into the weights, q/k/v become one matmul, the
-positional projection is cached, the depthwise convolution runs channels-last.
+first): constant scales go into the weights, q/k/v become one matmul and the
+positional projection is cached.
 """
 
 import math
@@ -205,15 +205,16 @@ class RelPositionAttention(Reparameterizable):
         self.pos_cache = torch.empty(1, self.heads, 0, self.d_k)
 
 
-class ConvModule(Reparameterizable):
+class ConvModule(torch.nn.Module):
     """Conformer convolution module without GLU (FusionFormer) or with it (reference).
 
     ``pointwise_conv1 (D -> D, or D -> 2D + GLU) -> [BN] -> act -> mask ->
     depthwise_conv -> BN -> act -> pointwise_conv2 -> [BN]``. Pointwise convolutions
     are ``Linear`` on ``(B, T, D)``. Padded frames are zeroed right before the
     depthwise convolution, so that a bias (or a folded BatchNorm) written into them
-    never reaches valid frames. The deploy form runs the depthwise convolution as a
-    ``(K, 1)`` Conv2d on the channels-last view of ``(B, T, D)``: no transposes.
+    never reaches valid frames. The depthwise convolution is a ``(K, 1)`` Conv2d on
+    the channels-last view ``(B, D, T, 1)`` of ``(B, T, D)``: no transposed copies,
+    and oneDNN's fast channels-last kernels.
     """
 
     def __init__(
@@ -232,11 +233,11 @@ class ConvModule(Reparameterizable):
         self.pointwise_conv1 = linear_bn(
             size, 2 * size if glu else size, batch_norm, sync
         )
-        depthwise = torch.nn.Conv1d(
-            size, size, kernel_size, padding=kernel_size // 2, groups=size
+        depthwise = torch.nn.Conv2d(
+            size, size, (kernel_size, 1), padding=(kernel_size // 2, 0), groups=size
         )
+        depthwise.to(memory_format=torch.channels_last)
         self.depthwise_conv = LayerBN(depthwise, batch_norm=True, sync=sync)
-        self.depthwise_2d: Optional[torch.nn.Conv2d] = None
         self.activation = make_activation(activation)
         self.pointwise_conv2 = linear_bn(size, size, batch_norm, sync)
 
@@ -247,40 +248,13 @@ class ConvModule(Reparameterizable):
             x = torch.nn.functional.glu(x, dim=-1)
         else:
             x = self.activation(x)
+        x_mask = None
         if mask is not None:
             x = x.masked_fill(~mask, 0.0)
-        if self.depthwise_2d is not None:
-            # (B, D, T, 1) channels-last is the memory of (B, T, D)
-            x = self.depthwise_2d(x.transpose(1, 2).unsqueeze(-1))
-            x = self.activation(x.squeeze(-1).transpose(1, 2))  # (B, T, D)
-        else:
-            x_mask = None if mask is None else mask.transpose(1, 2)  # (B, 1, T)
-            x = self.depthwise_conv(x.transpose(1, 2), x_mask)  # (B, D, T)
-            x = self.activation(x).transpose(1, 2)  # (B, T, D)
+            x_mask = mask.transpose(1, 2).unsqueeze(-1)  # (B, 1, T, 1)
+        x = self.depthwise_conv(x.transpose(1, 2).unsqueeze(-1), x_mask)  # (B,D,T,1)
+        x = self.activation(x.squeeze(-1).transpose(1, 2))  # (B, T, D)
         return self.pointwise_conv2(x, mask)
-
-    def reparameterize(self) -> None:
-        """Deploy form: the folded depthwise conv as a channels-last Conv2d."""
-        if self.depthwise_2d is not None:
-            return
-        self.depthwise_conv.reparameterize()
-        conv1d = self.depthwise_conv.layer
-        conv = torch.nn.Conv2d(
-            conv1d.in_channels,
-            conv1d.out_channels,
-            (conv1d.kernel_size[0], 1),
-            padding=(conv1d.padding[0], 0),
-            groups=conv1d.groups,
-            device=conv1d.weight.device,
-            dtype=conv1d.weight.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(conv1d.weight.unsqueeze(-1))
-            conv.bias.copy_(conv1d.bias)
-        self.depthwise_2d = conv.to(memory_format=torch.channels_last).train(
-            self.training
-        )
-        self.depthwise_conv = None
 
 
 class FusionFormerBlock(Reparameterizable):

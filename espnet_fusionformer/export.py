@@ -10,6 +10,10 @@ the ASR model's frontend + normalize output (e.g. 80-dim fbank after global MVN)
 The encoder is fused (BatchNorm folded, q/k/v merged) before tracing, and every
 export is checked against PyTorch on inputs of other lengths and batch sizes than
 the traced example, so a shape or branch frozen by tracing fails loudly here.
+The relative-position table is traced as a constant of the encoder's current length
+(``max_pos_emb_len``, 5000 subsampled frames by default, i.e. 200 s of 10 ms frames
+with ``conv2d``): build the encoder with a larger ``max_pos_emb_len`` for longer
+inputs.
 
 CLI::
 
@@ -419,6 +423,9 @@ def describe(encoder: torch.nn.Module) -> Dict:
             min_input_frames=min_input_frames(encoder),
             output_length="for each conv: (L - kernel) // stride + 1",
         )
+    pe = getattr(getattr(embed, "pos_enc", None), "pe", None)
+    if pe is not None:  # traced as a constant: longer inputs fail in the export
+        info["max_output_frames"] = (pe.size(1) + 1) // 2
     for key in ("normalization", "activation"):
         if hasattr(encoder, key):
             info[key] = getattr(encoder, key)

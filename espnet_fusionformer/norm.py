@@ -79,6 +79,48 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
             shift = self.bias - self.running_mean * scale
             return x * scale.view(shape) + shift.view(shape)
 
+        sync = self.sync if self.sync is not None else _distributed_world_size() > 1
+        if sync:
+            return self._forward_synced(x, mask, shape)
+        momentum = self.momentum
+        self.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as torch's BatchNorm
+            momentum = 1.0 / float(self.num_batches_tracked)
+        channel_dim = self.channel_dim % x.dim()
+        if mask is None or bool(mask.all()):
+            if channel_dim == 1:
+                return self._native(x, momentum)
+            return self._native(x.reshape(-1, x.size(-1)), momentum).view_as(x)
+        # gather the valid frames, normalize them with the fused kernel, scatter
+        # back; padded frames are 0
+        xt = x.movedim(channel_dim, -1)  # (..., C) view
+        valid = mask.expand(x.shape).movedim(channel_dim, -1)[..., 0]  # (...)
+        out = torch.zeros_like(xt)
+        out[valid] = self._native(xt[valid], momentum)
+        return out.movedim(-1, channel_dim)
+
+    def _native(self, x: torch.Tensor, momentum: float) -> torch.Tensor:
+        """Training-mode ``torch.batch_norm`` on ``(N, C, ...)``."""
+        if x.numel() // x.size(1) < 2:
+            raise ValueError(
+                "MaskedBatchNorm needs at least 2 valid frames per batch, "
+                f"got {x.numel() // x.size(1)}"
+            )
+        return torch.nn.functional.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            True,
+            momentum,
+            self.eps,
+        )
+
+    def _forward_synced(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor], shape: List[int]
+    ) -> torch.Tensor:
+        """Training statistics over the valid frames of every rank."""
         dims = [d for d in range(x.dim()) if d != self.channel_dim % x.dim()]
         if mask is None:  # no padding
             mask = torch.ones([1] * x.dim(), dtype=torch.bool, device=x.device)
@@ -89,11 +131,7 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
         )
         count = count.reshape(1)
         total = (x * weight).sum(dims)
-        sync = self.sync if self.sync is not None else _distributed_world_size() > 1
-        if sync:
-            count, total = _all_reduce(torch.cat([count, total])).split(
-                [1, total.numel()]
-            )
+        count, total = _all_reduce(torch.cat([count, total])).split([1, total.numel()])
         if float(count) < 2:
             raise ValueError(
                 "MaskedBatchNorm needs at least 2 valid frames per batch, "
@@ -101,10 +139,7 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
             )
         mean = total / count
         centered = x - mean.view(shape)
-        sq_sum = (centered * centered * weight).sum(dims)
-        if sync:
-            sq_sum = _all_reduce(sq_sum)
-        var = sq_sum / count
+        var = _all_reduce((centered * centered * weight).sum(dims)) / count
 
         with torch.no_grad():
             momentum = self.momentum if self.momentum is not None else 0.1
@@ -113,7 +148,8 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
             self.running_var.lerp_(var.detach() * count / (count - 1), momentum)
 
         scale = self.weight * torch.rsqrt(var + self.eps)
-        return centered * scale.view(shape) + self.bias.view(shape)
+        out = centered * scale.view(shape) + self.bias.view(shape)
+        return out.masked_fill(~mask, 0.0)  # padded frames are 0, as in forward()
 
 
 class MaskedLayerNorm(torch.nn.LayerNorm):

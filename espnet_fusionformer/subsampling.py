@@ -60,6 +60,8 @@ class Conv2dSubsampling(Reparameterizable):
         convs = []
         for kernel, stride in self.specs:
             conv = torch.nn.Conv2d(channels, output_size, kernel, stride)
+            # channels-last: faster oneDNN kernels, and the BatchNorm gathers rows
+            conv.to(memory_format=torch.channels_last)
             convs.append(LayerBN(conv, batch_norm, sync))
             freq, channels = (freq - kernel) // stride + 1, output_size
         if freq < 1:
