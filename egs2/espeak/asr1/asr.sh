@@ -328,6 +328,12 @@ case "${asr_task}" in
     *) die "--asr_task must be asr or asr_transducer, not '${asr_task}'" ;;
 esac
 
+# With speed perturbation, the training set is "${train_set}_sp" (made in stage 2).
+orig_train_set="${train_set}"
+if [ -n "${speed_perturb_factors}" ]; then
+    train_set="${train_set}_sp"
+fi
+
 # Use the same text as ASR for bpe training if not specified.
 [ -z "${bpe_train_text}" ] && bpe_train_text="${data_feats}/${train_set}/text"
 # Use the same text as ASR for lm training if not specified.
@@ -508,28 +514,24 @@ if ! "${skip_data_prep}"; then
 
     if run_stage 2; then
         if [ -n "${speed_perturb_factors}" ]; then
-            banner 2 "Speed perturbation: data/${train_set} -> data/${train_set}_sp"
+            banner 2 "Speed perturbation: data/${orig_train_set} -> data/${train_set}"
             _dirs=""
             for factor in ${speed_perturb_factors}; do
                 if python3 -c "import sys; sys.exit(float('${factor}') == 1.0)"; then
-                    ${python} local/datadir.py perturb_speed "${factor}" "data/${train_set}" "data/${train_set}_sp${factor}"
-                    _dirs+="data/${train_set}_sp${factor} "
+                    ${python} local/datadir.py perturb_speed "${factor}" "data/${orig_train_set}" "data/${orig_train_set}_sp${factor}"
+                    _dirs+="data/${orig_train_set}_sp${factor} "
                 else
                     # If speed factor is 1, same as the original
-                    _dirs+="data/${train_set} "
+                    _dirs+="data/${orig_train_set} "
                 fi
             done
-            rm -rf "data/${train_set}_sp"
+            rm -rf "data/${train_set}"
             # shellcheck disable=SC2086
-            ${python} local/datadir.py combine_data "data/${train_set}_sp" ${_dirs}
+            ${python} local/datadir.py combine_data "data/${train_set}" ${_dirs}
             banner_end
         else
             log "Skip stage 2: Speed perturbation"
         fi
-    fi
-
-    if [ -n "${speed_perturb_factors}" ]; then
-        train_set="${train_set}_sp"
     fi
 
     if run_stage 3; then
@@ -640,10 +642,6 @@ split_keys() {
     # shellcheck disable=SC2086
     ${python} local/datadir.py split_scp "${key_file}" ${outs}
 }
-
-if [ -n "${speed_perturb_factors}" ] && "${skip_data_prep}"; then
-    train_set="${train_set}_sp"
-fi
 
 if ! "${skip_train}"; then
     if "${use_lm}"; then

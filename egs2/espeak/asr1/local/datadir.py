@@ -115,9 +115,9 @@ def perturb_speed(factor: str, src: str, dst: str) -> None:
     wavs = {}
     for u, w in read_scp(s / "wav.scp").items():
         if w.endswith("|"):
-            wavs[p + u] = f"{w} sox -t wav - -t wav - speed {factor} |"
+            wavs[p + u] = f"{w} sox -V1 -t wav - -t wav - speed {factor} |"
         else:
-            wavs[p + u] = f"sox -t wav {w} -t wav - speed {factor} |"
+            wavs[p + u] = f"sox -V1 -t wav {w} -t wav - speed {factor} |"
     write_scp(d / "wav.scp", wavs)
     write_spk2utt(d)
 
