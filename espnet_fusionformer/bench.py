@@ -428,23 +428,41 @@ def make_engines(models, artifacts, sessions) -> List[Engine]:
 
 
 # -- timing ------------------------------------------------------------------------
+def quantile(values: Sequence[float], q: float) -> float:
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
 def summarize(times: List[float]) -> Dict:
-    """Seconds -> milliseconds statistics (median, quartiles, min, max)."""
-    ms = sorted(t * 1000 for t in times)
-
-    def quantile(q):
-        pos = q * (len(ms) - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return ms[lo] + (ms[hi] - ms[lo]) * (pos - lo)
-
+    """Seconds -> milliseconds statistics (median, quartiles, min, max); the raw
+    times stay in repeat order (``times_ms``)."""
+    ms = [t * 1000 for t in times]
     return dict(
-        median_ms=round(quantile(0.5), 3),
-        p25_ms=round(quantile(0.25), 3),
-        p75_ms=round(quantile(0.75), 3),
-        min_ms=round(ms[0], 3),
-        max_ms=round(ms[-1], 3),
+        median_ms=round(quantile(ms, 0.5), 3),
+        p25_ms=round(quantile(ms, 0.25), 3),
+        p75_ms=round(quantile(ms, 0.75), 3),
+        min_ms=round(min(ms), 3),
+        max_ms=round(max(ms), 3),
         n=len(ms),
         times_ms=[round(t, 3) for t in ms],
+    )
+
+
+def paired_ratio(row: Dict) -> Optional[Dict]:
+    """Per-repeat ratios FusionFormer/Conformer (both timed in the same repeat,
+    so a load change hits both): median and quartiles."""
+    c, f = row.get(CONFORMER), row.get(FUSIONFORMER)
+    if not c or not f or c["n"] != f["n"]:
+        return None
+    ratios = [b / a for a, b in zip(c["times_ms"], f["times_ms"]) if a > 0]
+    if not ratios:
+        return None
+    return dict(
+        median=round(quantile(ratios, 0.5), 3),
+        p25=round(quantile(ratios, 0.25), 3),
+        p75=round(quantile(ratios, 0.75), 3),
     )
 
 
@@ -508,6 +526,7 @@ def comparison_rows(
 
 def finish_row(row: Dict) -> Dict:
     c, f = row.get(CONFORMER), row.get(FUSIONFORMER)
+    row["paired_ratio"] = paired_ratio(row)
     row["ratio"] = (
         round(f["median_ms"] / c["median_ms"], 3)
         if c and f and c["median_ms"] > 0
@@ -646,6 +665,12 @@ def fmt_stats(s: Optional[Dict]) -> str:
     return f"{s['median_ms']:.1f} [{s['p25_ms']:.1f}–{s['p75_ms']:.1f}]"
 
 
+def fmt_paired(p: Optional[Dict]) -> str:
+    if not p:
+        return "n/a"
+    return f"{p['median']:.3f} [{p['p25']:.2f}–{p['p75']:.2f}]"
+
+
 def fmt_ratio(ratio: Optional[float]) -> str:
     return "n/a" if ratio is None else f"{ratio:.3f}"
 
@@ -708,7 +733,9 @@ def markdown(result: Dict) -> str:
         f"{conf['warmup']} warm-up call(s) each; repeats per setting between "
         f"{conf['min_repeats']} and {conf['repeats']} (budget {conf['budget']} s). "
         f"Cells: median [25th–75th percentile] in ms. Ratio = FusionFormer / "
-        f"Conformer (lower is better). Total run: {result['wall_time_s']:.0f} s"
+        f"Conformer medians (lower is better; the verdict uses it); paired ratio = "
+        f"median [quartiles] of the per-repeat ratios (both timed in the same "
+        f"repeat). Total run: {result['wall_time_s']:.0f} s"
         + (
             " — **--quick: tiny model, numbers not meaningful**"
             if conf["quick"]
@@ -716,14 +743,14 @@ def markdown(result: Dict) -> str:
         ),
         "",
         "| setting | threads | batch | Conformer ms | FusionFormer ms | ratio | "
-        "target |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "paired ratio | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
         lines.append(
             f"| {row_label(row)} | {row['threads']} | {row['batch']} | "
             f"{fmt_stats(row.get(CONFORMER))} | {fmt_stats(row.get(FUSIONFORMER))} | "
-            f"{fmt_ratio(row['ratio'])} | "
+            f"{fmt_ratio(row['ratio'])} | {fmt_paired(row.get('paired_ratio'))} | "
             f"{status(row)} |"
         )
     lines += ["", "## Targets", ""]
@@ -1081,6 +1108,10 @@ def run(conf: Dict, progress=None) -> Dict:
         "lengths; training step (forward+backward, batch of the mixed lengths, "
         "loss = masked mean square of the output, FusionFormer in training form "
         f"with masked BatchNorm, {conf['batch_threads']} thread(s)) ≤ 1.15.",
+        "Absolute times move with the load of other processes on a shared "
+        "machine; the engines are interleaved within every repeat so both "
+        "encoders see the same conditions: compare ratios and paired ratios "
+        "rather than absolute times across rows or runs.",
         "Batch throughput: eager and ORT engines on one padded batch of the mixed "
         f"lengths {conf['batch_lengths']} frames; audio_s_per_s in the JSON.",
         "Peak memory: peak of the bytes allocated by tensors during one call, from "

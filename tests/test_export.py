@@ -121,6 +121,7 @@ def test_cli_exports_an_asrtask_model(tmp_path):
     assert written["output_size"] == TINY["output_size"]
     assert written["subsampling"]["input_layer"] == "conv2d"
     assert written["subsampling"]["factor"] == 4
+    assert written["max_output_frames"] >= 5000
     assert written["files"] == {"onnx": "encoder.onnx", "torchscript": "encoder.pt"}
 
     encoder = model.encoder.eval()
