@@ -141,7 +141,7 @@ def test_cli_exports_an_asrtask_model(tmp_path):
 
 
 def test_cli_only_onnx(tmp_path, monkeypatch):
-    """``--format onnx`` writes no TorchScript file."""
+    """``--format onnx`` writes no TorchScript file (``--no-verify``: no check)."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(asr_config()))
     args = ASRTask.get_parser().parse_args(["--config", str(config)])
@@ -158,6 +158,7 @@ def test_cli_only_onnx(tmp_path, monkeypatch):
             str(tmp_path / "out"),
             "--format",
             "onnx",
+            "--no-verify",
         ]
     )
     assert (tmp_path / "out" / "encoder.onnx").exists()
