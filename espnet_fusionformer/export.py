@@ -434,6 +434,46 @@ def describe(encoder: torch.nn.Module) -> Dict:
 
 
 # -- CLI ---------------------------------------------------------------------------
+def _same_but_singletons(a: torch.Size, b: torch.Size) -> bool:
+    return [d for d in a if d != 1] == [d for d in b if d != 1]
+
+
+def load_asr_model(
+    task, config, model_file
+) -> Tuple[torch.nn.Module, argparse.Namespace]:
+    """``task.build_model_from_file`` on the CPU, tolerating checkpoints whose
+    tensors differ from the current model only by singleton dimensions (e.g. a
+    depthwise kernel saved as Conv1d ``(D, 1, K)`` and now a ``(K, 1)`` Conv2d
+    ``(D, 1, K, 1)``): those are reshaped, with a warning."""
+    try:
+        return task.build_model_from_file(config, model_file, "cpu")
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        first_error = err
+    import yaml
+
+    with open(config, encoding="utf-8") as f:
+        train_args = argparse.Namespace(**yaml.safe_load(f))
+    model = task.build_model(train_args)
+    state = torch.load(model_file, map_location="cpu")
+    own = model.state_dict()
+    reshaped = []
+    for key, value in state.items():
+        if key in own and value.shape != own[key].shape:
+            if not _same_but_singletons(value.shape, own[key].shape):
+                raise first_error
+            state[key] = value.reshape(own[key].shape)
+            reshaped.append(key)
+    model.load_state_dict(state)
+    logging.warning(
+        "checkpoint tensors reshaped to the current model (singleton dims only): %s%s",
+        ", ".join(reshaped[:4]),
+        " ..." if len(reshaped) > 4 else "",
+    )
+    return model, train_args
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusionformer-export",
@@ -471,8 +511,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from espnet_fusionformer.encoder import FusionFormerEncoder
 
     espnet_fusionformer.register()
-    model, train_args = ASRTask.build_model_from_file(
-        args.asr_train_config, args.asr_model_file, "cpu"
+    model, train_args = load_asr_model(
+        ASRTask, args.asr_train_config, args.asr_model_file
     )
     model.eval()
     encoder = model.encoder
