@@ -12,7 +12,7 @@ positional projection is cached.
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -116,16 +116,22 @@ class RelPositionAttention(Reparameterizable):
 
     @staticmethod
     def rel_shift(x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, T, 2T-1) -> (B, H, T, T)``: ``out[i, j] = x[i, T-1-i+j]``."""
-        b, h, t, p = x.shape
-        if exporting() or not x.is_contiguous():
-            x = torch.nn.functional.pad(x, (1, 0)).view(b, h, p + 1, t)
-            return x[:, :, 1:].view(b, h, t, p)[:, :, :, : p // 2 + 1]
-        # the same entries as a strided view: row i starts at i * (p - 1) + t - 1
+        """``(B, H, Tq, 2Tk-1) -> (B, H, Tq, Tk)``: ``out[i, j] = x[i, Tq-1-i+j]``.
+
+        Query ``i`` is frame ``Tk - Tq + i`` (the first ``Tk - Tq`` keys are cached
+        frames); the table holds relative positions ``Tk-1 .. -(Tk-1)``.
+        """
+        b, h, t_q, p = x.shape
+        t_k = (p + 1) // 2
+        if t_q == t_k and (exporting() or not x.is_contiguous()):
+            x = torch.nn.functional.pad(x, (1, 0)).view(b, h, p + 1, t_q)
+            return x[:, :, 1:].view(b, h, t_q, p)[:, :, :, : p // 2 + 1]
+        x = x.contiguous()
+        # the same entries as a strided view: row i starts at i * (p - 1) + Tq - 1
         return x.as_strided(
-            (b, h, t, t),
+            (b, h, t_q, t_k),
             (x.stride(0), x.stride(1), p - 1, 1),
-            x.storage_offset() + t - 1,
+            x.storage_offset() + t_q - 1,
         )
 
     def _positions(self, pos_emb: torch.Tensor) -> torch.Tensor:
@@ -143,19 +149,24 @@ class RelPositionAttention(Reparameterizable):
         self,
         x: torch.Tensor,
         mask: Optional[torch.Tensor],
-        key_pad: Optional[torch.Tensor],
+        att_mask: Optional[torch.Tensor],
         pos_emb: torch.Tensor,
-    ) -> torch.Tensor:
-        """Attend over the valid frames.
+        cache: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Attend over the allowed frames.
 
         Args:
-            x: ``(B, T, D)``.
-            mask: ``(B, T, 1)`` bool, True on valid frames (BatchNorm statistics).
-            key_pad: ``(B, 1, 1, T)`` bool, True on padded keys; ``None``: no padding.
-            pos_emb: ``(1, 2T-1, D)`` relative position table.
+            x: ``(B, Tq, D)``.
+            mask: ``(B, Tq, 1)`` bool, True on valid frames (BatchNorm statistics).
+            att_mask: ``(B, 1, 1|Tq, Tk)`` bool, True where a query must not attend
+                (padding, future chunks); ``None``: attend everywhere.
+            pos_emb: ``(1, 2Tk-1, D)`` relative position table.
+            cache: streaming: ``(1, H, Tc, 2 d_k)`` keys and values of earlier
+                frames (``Tk = Tc + Tq``); ``None`` outside streaming.
 
         Returns:
-            ``(B, T, D)``.
+            ``(B, Tq, D)``, and the new cache ``(1, H, Tk, 2 d_k)`` when ``cache``
+            was given.
         """
         if self.linear_qkv is not None:
             q, k, v = self.linear_qkv(x).chunk(3, dim=-1)
@@ -163,23 +174,30 @@ class RelPositionAttention(Reparameterizable):
             q = self.linear_q(x, mask)
             k = self.linear_k(x, mask)
             v = self.linear_v(x, mask)
-        q = q.view(q.size(0), -1, self.heads, self.d_k)  # (B, T, H, d_k)
-        k, v = self._heads(k), self._heads(v)  # (B, H, T, d_k)
-        p = self._positions(pos_emb)  # (1, H, 2T-1, d_k)
-        q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, H, T, d_k)
+        q = q.view(q.size(0), -1, self.heads, self.d_k)  # (B, Tq, H, d_k)
+        k, v = self._heads(k), self._heads(v)  # (B, H, Tq, d_k)
+        new_cache: Optional[torch.Tensor] = None
+        if cache is not None:
+            if cache.size(2) > 0:
+                k_cache, v_cache = cache.split(self.d_k, dim=-1)
+                k = torch.cat([k_cache, k], dim=2)  # (1, H, Tk, d_k)
+                v = torch.cat([v_cache, v], dim=2)
+            new_cache = torch.cat([k, v], dim=-1)
+        p = self._positions(pos_emb)  # (1, H, 2Tk-1, d_k)
+        q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, H, Tq, d_k)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
-        scores = torch.matmul(q_u, k.transpose(-2, -1))  # (B, H, T, T)
+        scores = torch.matmul(q_u, k.transpose(-2, -1))  # (B, H, Tq, Tk)
         scores = scores + self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))
         if self.score_scale != 1.0:
             scores = scores * self.score_scale
-        if key_pad is not None:
-            scores = scores.masked_fill(key_pad, torch.finfo(scores.dtype).min)
+        if att_mask is not None:
+            scores = scores.masked_fill(att_mask, torch.finfo(scores.dtype).min)
         attn = torch.softmax(scores, dim=-1)
-        if key_pad is not None:
-            attn = attn.masked_fill(key_pad, 0.0)
-        ctx = torch.matmul(dropout(self.dropout, attn), v)  # (B, H, T, d_k)
+        if att_mask is not None:
+            attn = attn.masked_fill(att_mask, 0.0)
+        ctx = torch.matmul(dropout(self.dropout, attn), v)  # (B, H, Tq, d_k)
         ctx = ctx.transpose(1, 2).reshape(x.size(0), -1, self.heads * self.d_k)
-        return self.linear_out(ctx, mask)
+        return self.linear_out(ctx, mask), new_cache
 
     def reparameterize(self) -> None:
         """Deploy form: merged q/k/v, scale in the weights, cached positions."""
@@ -214,7 +232,8 @@ class ConvModule(torch.nn.Module):
     depthwise convolution, so that a bias (or a folded BatchNorm) written into them
     never reaches valid frames. The depthwise convolution is a ``(K, 1)`` Conv2d on
     the channels-last view ``(B, D, T, 1)`` of ``(B, T, D)``: no transposed copies,
-    and oneDNN's fast channels-last kernels.
+    and oneDNN's fast channels-last kernels. ``causal`` makes it look only at the
+    current and ``K - 1`` past frames (streaming), which a cache carries over.
     """
 
     def __init__(
@@ -225,36 +244,57 @@ class ConvModule(torch.nn.Module):
         batch_norm: bool,
         glu: bool,
         sync: Optional[bool] = None,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"cnn_module_kernel must be odd, got {kernel_size}")
         self.glu = glu
+        self.lorder = kernel_size - 1 if causal else 0  # frames of left context
         self.pointwise_conv1 = linear_bn(
             size, 2 * size if glu else size, batch_norm, sync
         )
         depthwise = torch.nn.Conv2d(
-            size, size, (kernel_size, 1), padding=(kernel_size // 2, 0), groups=size
+            size,
+            size,
+            (kernel_size, 1),
+            padding=(0 if causal else kernel_size // 2, 0),
+            groups=size,
         )
         depthwise.to(memory_format=torch.channels_last)
         self.depthwise_conv = LayerBN(depthwise, batch_norm=True, sync=sync)
         self.activation = make_activation(activation)
         self.pointwise_conv2 = linear_bn(size, size, batch_norm, sync)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """``(B, T, D) -> (B, T, D)``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        cache: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(B, T, D) -> (B, T, D)``.
+
+        ``cache`` (streaming, causal only): the last ``K - 1`` depthwise inputs
+        ``(1, K-1, D)``; the new one is returned beside the output.
+        """
         x = self.pointwise_conv1(x, mask)
         if self.glu:
             x = torch.nn.functional.glu(x, dim=-1)
         else:
             x = self.activation(x)
-        x_mask = None
+        x_mask: Optional[torch.Tensor] = None
         if mask is not None:
             x = x.masked_fill(~mask, 0.0)
             x_mask = mask.transpose(1, 2).unsqueeze(-1)  # (B, 1, T, 1)
+        new_cache: Optional[torch.Tensor] = None
+        if cache is not None:
+            x = torch.cat([cache, x], dim=1)  # (1, K-1+T, D)
+            new_cache = x[:, x.size(1) - self.lorder :]
+        elif self.lorder > 0:
+            x = torch.nn.functional.pad(x, (0, 0, self.lorder, 0))
         x = self.depthwise_conv(x.transpose(1, 2).unsqueeze(-1), x_mask)  # (B,D,T,1)
         x = self.activation(x.squeeze(-1).transpose(1, 2))  # (B, T, D)
-        return self.pointwise_conv2(x, mask)
+        return self.pointwise_conv2(x, mask), new_cache
 
 
 class FusionFormerBlock(Reparameterizable):
@@ -305,23 +345,31 @@ class FusionFormerBlock(Reparameterizable):
         self,
         x: torch.Tensor,
         mask: Optional[torch.Tensor],
-        key_pad: Optional[torch.Tensor],
+        att_mask: Optional[torch.Tensor],
         pos_emb: torch.Tensor,
-    ) -> torch.Tensor:
-        """``(B, T, D) -> (B, T, D)``; see ``RelPositionAttention`` for the masks."""
+        att_cache: Optional[torch.Tensor] = None,
+        cnn_cache: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(B, T, D) -> (B, T, D)``; see ``RelPositionAttention`` for the masks.
+
+        With caches (streaming, batch 1), also returns the new attention cache
+        ``(1, H, Tk, 2 d_k)`` and convolution cache ``(1, K-1, D)``.
+        """
         if self.feed_forward_macaron is not None:
             h = x if self.norm_ff_macaron is None else self.norm_ff_macaron(x, mask)
             x = x + self._ffn(self.feed_forward_macaron, h, mask)
         h = x if self.norm_mha is None else self.norm_mha(x, mask)
-        x = x + dropout(self.dropout, self.attention(h, mask, key_pad, pos_emb))
+        h, att_cache = self.attention(h, mask, att_mask, pos_emb, att_cache)
+        x = x + dropout(self.dropout, h)
         if self.conv_module is not None:
             h = x if self.norm_conv is None else self.norm_conv(x, mask)
-            x = x + dropout(self.dropout, self.conv_module(h, mask))
+            h, cnn_cache = self.conv_module(h, mask, cnn_cache)
+            x = x + dropout(self.dropout, h)
         h = x if self.norm_ff is None else self.norm_ff(x, mask)
         x = x + self._ffn(self.feed_forward, h, mask)
         if self.norm_final is not None:
             x = self.norm_final(x, mask)
-        return x
+        return x, att_cache, cnn_cache
 
     def reparameterize(self) -> None:
         """Deploy form: the FFN scale goes into the FFN output projections."""

@@ -16,6 +16,7 @@ from espnet_fusionformer.blocks import (
 )
 from espnet_fusionformer.fusable import Reparameterizable
 from espnet_fusionformer.norm import make_norm
+from espnet_fusionformer.streaming import chunk_mask, sample_chunk
 from espnet_fusionformer.subsampling import Conv2dSubsampling
 
 # normalization -> structure. "fusion" is the paper's FusionFormer; the others are
@@ -90,6 +91,15 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
             ranks; ``None``: whenever the world size is > 1. (Default: ``None``)
         fuse_for_inference: in eval mode, run a folded copy of the encoder (built
             once per switch to eval). (Default: ``True``)
+        causal: causal convolution module (needed for streaming). (Default: ``False``)
+        chunk_size: attention chunk in output frames; ``0``: full context. Used in
+            training without ``dynamic_chunk_training`` and always in eval.
+            (Default: ``0``)
+        left_chunks: chunks of left context a chunk sees; ``-1``: all. (Default: ``-1``)
+        dynamic_chunk_training: a random chunk per batch (U2), so one model decodes
+            with full context and streaming. (Default: ``False``)
+        max_dynamic_chunk: largest random chunk. (Default: ``25``)
+        dynamic_left_chunks: a random left context too. (Default: ``False``)
         max_pos_emb_len: initial positional table length. (Default: ``5000``)
         normalize_before, concat_after, positionwise_layer_type, rel_pos_type,
         pos_enc_layer_type, selfattention_layer_type, zero_triu, interctc_layer_idx,
@@ -118,6 +128,12 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
         activation_type: Optional[str] = None,
         sync_batchnorm: Optional[bool] = None,
         fuse_for_inference: bool = True,
+        causal: bool = False,
+        chunk_size: int = 0,
+        left_chunks: int = -1,
+        dynamic_chunk_training: bool = False,
+        max_dynamic_chunk: int = 25,
+        dynamic_left_chunks: bool = False,
         max_pos_emb_len: int = 5000,
         normalize_before: bool = True,
         concat_after: bool = False,
@@ -173,8 +189,19 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
                 activation_type,
                 activation,
             )
+        if chunk_size < 0 or left_chunks < -1 or max_dynamic_chunk < 1:
+            raise ValueError(
+                f"chunk_size ({chunk_size}) must be >= 0, left_chunks ({left_chunks}) "
+                f">= -1 and max_dynamic_chunk ({max_dynamic_chunk}) >= 1"
+            )
         self.input_size = input_size
         self._output_size = output_size
+        self.causal = causal
+        self.chunk_size = chunk_size
+        self.left_chunks = left_chunks
+        self.dynamic_chunk_training = dynamic_chunk_training
+        self.max_dynamic_chunk = max_dynamic_chunk
+        self.dynamic_left_chunks = dynamic_left_chunks
         self.normalization = normalization
         self.activation = activation
         self.fuse_for_inference = fuse_for_inference
@@ -221,6 +248,7 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
                     batch_norm,
                     structure["glu"],
                     sync,
+                    causal,
                 )
                 if use_cnn_module
                 else None,
@@ -316,11 +344,147 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
         """``(B, T, F), (B,) -> (B, T', D), (B,)`` without checks or dispatch."""
         xs, pos_emb, valid = self.embed(xs_pad, ilens)  # (B, T', D), (B, T')
         mask: Optional[torch.Tensor] = valid.unsqueeze(-1)  # (B, T', 1)
-        key_pad: Optional[torch.Tensor] = ~valid[:, None, None, :]  # (B, 1, 1, T')
+        att_mask: Optional[torch.Tensor] = ~valid[:, None, None, :]  # (B, 1, 1, T')
         if not self.training and not exporting() and bool(valid.all()):
-            mask = key_pad = None  # nothing padded: skip the masking
+            mask = att_mask = None  # nothing padded: skip the masking
+        chunk_size, left_chunks = self.chunk_size, self.left_chunks
+        if self.training and self.dynamic_chunk_training:
+            chunk_size, left_chunks = sample_chunk(
+                xs.size(1),
+                self.max_dynamic_chunk,
+                xs.size(1) // self.max_dynamic_chunk,
+                self.dynamic_left_chunks,
+            )
+        if chunk_size > 0:
+            future = ~chunk_mask(xs.size(1), chunk_size, left_chunks, xs.device)
+            att_mask = future if att_mask is None else att_mask | future
         for block in self.encoders:
-            xs = block(xs, mask, key_pad, pos_emb)
+            xs = block(xs, mask, att_mask, pos_emb)[0]
         if self.after_norm is not None:
             xs = self.after_norm(xs, mask)
         return xs, valid.sum(1)
+
+    # -- streaming ---------------------------------------------------------------
+    def forward_chunk(
+        self,
+        xs: torch.Tensor,
+        offset: int,
+        required_cache_size: int,
+        att_cache: torch.Tensor,
+        cnn_cache: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the next chunk of one utterance (eval mode, WeNet's interface).
+
+        Args:
+            xs: ``(1, T, F)`` features of the chunk plus the subsampling's right
+                context (see ``streaming.encode_chunk_by_chunk``).
+            offset: output frames encoded so far.
+            required_cache_size: frames of attention cache to keep (``chunk_size *
+                left_chunks``); ``< 0`` keeps all.
+            att_cache: ``(L, H, Tc, 2 d_k)`` keys and values of earlier frames;
+                ``torch.zeros(0, 0, 0, 0)`` at the start.
+            cnn_cache: ``(L, 1, K-1, D)`` causal convolution context;
+                ``torch.zeros(0, 0, 0, 0)`` at the start.
+
+        Returns:
+            ``(1, T', D)`` encoded frames, new ``att_cache`` and ``cnn_cache``.
+        """
+        if self.training:
+            raise RuntimeError("forward_chunk is for inference: call encoder.eval()")
+        self._check_chunk(xs, offset, required_cache_size, att_cache, cnn_cache)
+        if self.fuse_for_inference and not self.fused:
+            return self.deployed().forward_chunk(
+                xs, offset, required_cache_size, att_cache, cnn_cache
+            )
+        xs, _, _ = self.embed(xs, torch.tensor([xs.size(1)], device=xs.device))
+        pos_emb = self.embed.positions(att_cache.size(2) + xs.size(1), xs)
+        att_caches, cnn_caches = [], []
+        for i, block in enumerate(self.encoders):
+            layer_att = att_cache[i : i + 1] if att_cache.size(0) > 0 else None
+            if layer_att is None:
+                layer_att = xs.new_zeros(1, self.heads(), 0, 2 * self.d_k())
+            layer_cnn: Optional[torch.Tensor] = None
+            if block.conv_module is not None:
+                layer_cnn = (
+                    cnn_cache[i]
+                    if cnn_cache.size(0) > 0
+                    else xs.new_zeros(1, block.conv_module.lorder, xs.size(-1))
+                )
+            xs, layer_att, layer_cnn = block(
+                xs, None, None, pos_emb, layer_att, layer_cnn
+            )
+            att_caches.append(layer_att)
+            if layer_cnn is not None:
+                cnn_caches.append(layer_cnn)
+        if self.after_norm is not None:
+            xs = self.after_norm(xs, None)
+        new_att = torch.cat(att_caches, dim=0)  # (L, H, Tk, 2 d_k)
+        if required_cache_size >= 0:
+            new_att = new_att[:, :, max(new_att.size(2) - required_cache_size, 0) :]
+        new_cnn = (
+            torch.stack(cnn_caches) if cnn_caches else xs.new_zeros(0, 0, 0, 0)
+        )  # (L, 1, K-1, D)
+        return xs, new_att, new_cnn
+
+    def heads(self) -> int:
+        return self.encoders[0].attention.heads
+
+    def d_k(self) -> int:
+        return self.encoders[0].attention.d_k
+
+    def _check_chunk(
+        self,
+        xs: torch.Tensor,
+        offset: int,
+        required_cache_size: int,
+        att_cache: torch.Tensor,
+        cnn_cache: torch.Tensor,
+    ) -> None:
+        """Raise ``ValueError`` for a chunk or caches this model cannot continue."""
+        if any(
+            b.conv_module is not None and b.conv_module.lorder == 0
+            for b in self.encoders
+        ):
+            raise ValueError(
+                "streaming needs a causal convolution module: train with "
+                "encoder_conf causal: true (or use_cnn_module: false)"
+            )
+        if xs.dim() != 3 or xs.size(0) != 1:
+            raise ValueError(
+                f"forward_chunk takes one utterance (1, T, {self.input_size}), "
+                f"got shape {tuple(xs.shape)}"
+            )
+        self.check_input(xs, torch.tensor([xs.size(1)]))
+        layers = len(self.encoders)
+        expected = (layers, self.heads(), 2 * self.d_k())
+        if (
+            att_cache.numel() > 0
+            and (
+                att_cache.size(0),
+                att_cache.size(1),
+                att_cache.size(3),
+            )
+            != expected
+        ):
+            raise ValueError(
+                f"att_cache of shape {tuple(att_cache.shape)} is not from this model: "
+                f"expected ({layers}, {self.heads()}, frames, {2 * self.d_k()})"
+            )
+        if cnn_cache.numel() > 0:
+            conv = self.encoders[0].conv_module
+            want = (layers, 1, conv.lorder if conv else 0, self._output_size)
+            if tuple(cnn_cache.shape) != want:
+                raise ValueError(
+                    f"cnn_cache of shape {tuple(cnn_cache.shape)} is not from this "
+                    f"model: expected {want}"
+                )
+        cached = att_cache.size(2) if att_cache.numel() > 0 else 0
+        want_cached = (
+            offset if required_cache_size < 0 else min(offset, required_cache_size)
+        )
+        if offset < 0 or cached != want_cached:
+            raise ValueError(
+                f"offset {offset} does not match the attention cache of {cached} "
+                f"frames (expected {want_cached} cached frames for "
+                f"required_cache_size {required_cache_size})"
+            )

@@ -97,11 +97,18 @@ class Conv2dSubsampling(Reparameterizable):
                 limit,
             )
 
-    def _positions(self, x: torch.Tensor) -> torch.Tensor:
-        """ESPnet's relative position table ``(1, 2T-1, D)`` for ``x (B, T, D)``."""
-        self.pos_enc.extend_pe(x)
-        pe, t = self.pos_enc.pe, x.size(1)
-        return pe[:, pe.size(1) // 2 - t + 1 : pe.size(1) // 2 + t]
+    def positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        """ESPnet's relative position table ``(1, 2 length - 1, D)``."""
+        self.pos_enc.extend_pe(like.new_empty(1, length))
+        pe = self.pos_enc.pe
+        return pe[:, pe.size(1) // 2 - length + 1 : pe.size(1) // 2 + length]
+
+    def rate(self) -> int:
+        """Subsampling factor: input frames per output frame."""
+        rate = 1
+        for _, stride in self.specs:
+            rate *= stride
+        return rate
 
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor
@@ -143,7 +150,7 @@ class Conv2dSubsampling(Reparameterizable):
             h = torch.relu_(conv(h, None))
         h = h.permute(0, 2, 3, 1)  # (B, T', F', C)
         x = self.out(h.reshape(b, h.size(1), -1), None)  # scaled by sqrt(D)
-        return x, self._positions(x), valid_mask(lengths, x.size(1))
+        return x, self.positions(x.size(1), x), valid_mask(lengths, x.size(1))
 
     def reparameterize(self) -> None:
         """Deploy form: the first conv as a matmul over patches, the others
