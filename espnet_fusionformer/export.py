@@ -257,40 +257,6 @@ def _quiet_stdout():
             os.close(saved)
 
 
-def _unfold_symbolic(g, input, dimension, size, step):
-    """``Tensor.unfold`` for the legacy ONNX exporter with a dynamic axis length.
-
-    PyTorch's own symbolic (opset 12+) needs the static size of the unfolded axis
-    ("Unsupported: ONNX export of operator Unfold, input size not accessible").
-    This one gathers the windows with indices computed from the runtime shape:
-    ``out[..., i, ..., j] = x[..., i * step + j, ...]``.
-    """
-    from torch.onnx import symbolic_helper as sh
-
-    dim = sh._get_const(dimension, "i", "dimension")
-    size = sh._get_const(size, "i", "size")
-    step = sh._get_const(step, "i", "step")
-    rank = sh._get_tensor_rank(input)
-    if rank is None:
-        return sh._unimplemented("unfold", "input rank unknown")
-    dim = dim % rank
-
-    def const(value):
-        return g.op("Constant", value_t=torch.tensor(value, dtype=torch.long))
-
-    length = g.op("Gather", g.op("Shape", input), const(dim), axis_i=0)  # scalar
-    count = g.op(
-        "Add", g.op("Div", g.op("Sub", length, const(size)), const(step)), const(1)
-    )
-    starts = g.op("Mul", g.op("Range", const(0), count, const(1)), const(step))
-    index = g.op(
-        "Add", g.op("Unsqueeze", starts, const([1])), const(list(range(size)))
-    )  # (count, size)
-    windows = g.op("Gather", input, index, axis_i=dim)  # (..., count, size, ...)
-    perm = [*range(dim + 1), *range(dim + 2, rank + 1), dim + 1]
-    return g.op("Transpose", windows, perm_i=perm)
-
-
 def onnx_export_module(
     wrapper: EncoderWrapper,
     path,
@@ -298,12 +264,11 @@ def onnx_export_module(
 ) -> str:
     """``torch.onnx.export`` of ``wrapper`` with dynamic batch/time axes.
 
-    Tries, in order: the legacy TorchScript-based exporter (``dynamo=False``); the
-    legacy exporter with a dynamic-length ``aten::unfold`` symbolic (PyTorch's
-    needs a static length); the dynamo exporter.
+    Tries, in order: the legacy TorchScript-based exporter (``dynamo=False``), then
+    the dynamo exporter.
 
     Returns:
-        The exporter that worked: ``"legacy"``, ``"legacy+unfold"`` or ``"dynamo"``.
+        The exporter that worked: ``"legacy"`` or ``"dynamo"``.
 
     Raises:
         RuntimeError: with every exporter's error if none works.
@@ -313,13 +278,7 @@ def onnx_export_module(
     path.parent.mkdir(parents=True, exist_ok=True)
     example = example_inputs(wrapper.input_size, _trace_lengths(wrapper.min_frames))
     errors = []
-    for method in ("legacy", "legacy+unfold", "dynamo"):
-        if method == "legacy+unfold":
-            if not any("Unfold" in e for e in errors):
-                continue
-            torch.onnx.register_custom_op_symbolic(
-                "aten::unfold", _unfold_symbolic, opset
-            )
+    for method in ("legacy", "dynamo"):
         try:
             # (the legacy exporter prints the whole graph to stdout on failure)
             with warnings.catch_warnings(), torch.no_grad(), _quiet_stdout():
@@ -342,8 +301,6 @@ def onnx_export_module(
         finally:
             # torch.onnx.export restores the *wrapper's* mode on every submodule
             wrapper.eval()
-            if method == "legacy+unfold":
-                torch.onnx.unregister_custom_op_symbolic("aten::unfold", opset)
     raise RuntimeError("ONNX export failed:\n" + "\n".join(errors))
 
 
@@ -434,46 +391,6 @@ def describe(encoder: torch.nn.Module) -> Dict:
 
 
 # -- CLI ---------------------------------------------------------------------------
-def _same_but_singletons(a: torch.Size, b: torch.Size) -> bool:
-    return [d for d in a if d != 1] == [d for d in b if d != 1]
-
-
-def load_asr_model(
-    task, config, model_file
-) -> Tuple[torch.nn.Module, argparse.Namespace]:
-    """``task.build_model_from_file`` on the CPU, tolerating checkpoints whose
-    tensors differ from the current model only by singleton dimensions (e.g. a
-    depthwise kernel saved as Conv1d ``(D, 1, K)`` and now a ``(K, 1)`` Conv2d
-    ``(D, 1, K, 1)``): those are reshaped, with a warning."""
-    try:
-        return task.build_model_from_file(config, model_file, "cpu")
-    except RuntimeError as err:
-        if "size mismatch" not in str(err):
-            raise
-        first_error = err
-    import yaml
-
-    with open(config, encoding="utf-8") as f:
-        train_args = argparse.Namespace(**yaml.safe_load(f))
-    model = task.build_model(train_args)
-    state = torch.load(model_file, map_location="cpu")
-    own = model.state_dict()
-    reshaped = []
-    for key, value in state.items():
-        if key in own and value.shape != own[key].shape:
-            if not _same_but_singletons(value.shape, own[key].shape):
-                raise first_error
-            state[key] = value.reshape(own[key].shape)
-            reshaped.append(key)
-    model.load_state_dict(state)
-    logging.warning(
-        "checkpoint tensors reshaped to the current model (singleton dims only): %s%s",
-        ", ".join(reshaped[:4]),
-        " ..." if len(reshaped) > 4 else "",
-    )
-    return model, train_args
-
-
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusionformer-export",
@@ -511,8 +428,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from espnet_fusionformer.encoder import FusionFormerEncoder
 
     espnet_fusionformer.register()
-    model, train_args = load_asr_model(
-        ASRTask, args.asr_train_config, args.asr_model_file
+    model, train_args = ASRTask.build_model_from_file(
+        args.asr_train_config, args.asr_model_file, "cpu"
     )
     model.eval()
     encoder = model.encoder

@@ -13,6 +13,7 @@ import torch
 from espnet.nets.pytorch_backend.transformer.embedding import RelPositionalEncoding
 from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError
 
+from espnet_fusionformer.blocks import exporting
 from espnet_fusionformer.fusable import LayerBN, Reparameterizable, linear_bn
 
 # input_layer -> (kernel, stride) of each Conv2d, as ESPnet's Conv2dSubsampling{,6,8}
@@ -141,10 +142,17 @@ class Conv2dSubsampling(Reparameterizable):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Deploy form of ``forward``: channels-last convolutions, no transposes."""
         kernel, stride = self.specs[0]
-        patches = x.unfold(1, kernel, stride).unfold(2, kernel, stride)
-        b, t, f = patches.shape[:3]  # (B, T1, F1, k, k)
-        h = torch.relu_(self.conv_in(patches.reshape(b, t, f, kernel * kernel)))
-        h = h.permute(0, 3, 1, 2)  # (B, C, T1, F1) view of channels-last memory
+        if exporting():  # ONNX has no dynamic unfold; a Conv2d exports (and fuses)
+            weight = self.conv_in.weight.view(-1, 1, kernel, kernel)
+            h = torch.nn.functional.conv2d(
+                x.unsqueeze(1), weight, self.conv_in.bias, stride
+            ).relu()  # (B, C, T1, F1)
+        else:
+            patches = x.unfold(1, kernel, stride).unfold(2, kernel, stride)
+            b, t, f = patches.shape[:3]  # (B, T1, F1, k, k)
+            h = torch.relu_(self.conv_in(patches.reshape(b, t, f, kernel * kernel)))
+            h = h.permute(0, 3, 1, 2)  # (B, C, T1, F1) view of channels-last memory
+        b = h.size(0)
         lengths = self.output_lengths(lengths)
         for conv in self.convs:
             h = torch.relu_(conv(h, None))

@@ -140,20 +140,14 @@ def test_cli_exports_an_asrtask_model(tmp_path):
             np.testing.assert_allclose(out_ys[b, :n], ref[b, :n].numpy(), atol=1e-4)
 
 
-def test_cli_only_onnx_and_an_older_checkpoint_layout(tmp_path):
-    """``--format onnx`` writes no TorchScript file (``--no-verify``: no check);
-    a checkpoint whose kernels lack the trailing singleton dim of the current
-    layers (Conv1d-era depthwise ``(D, 1, K)`` vs ``(D, 1, K, 1)``) still loads."""
+def test_cli_only_onnx(tmp_path):
+    """``--format onnx`` writes no TorchScript file (``--no-verify``: no check)."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(asr_config()))
     args = ASRTask.get_parser().parse_args(["--config", str(config)])
     model = ASRTask.build_model(args)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(vars(args)))
-    state = {
-        k: v.squeeze(-1) if v.dim() == 4 and v.size(-1) == 1 else v
-        for k, v in model.state_dict().items()
-    }
-    torch.save(state, tmp_path / "model.pth")
+    torch.save(model.state_dict(), tmp_path / "model.pth")
     main(
         [
             "--asr_train_config",
