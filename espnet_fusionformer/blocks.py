@@ -67,9 +67,12 @@ class FeedForward(torch.nn.Module):
         self.w_2 = linear_bn(units, size, batch_norm, sync)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """``(B, T, D) -> (B, T, D)``."""
-        x = dropout(self.dropout, self.activation(self.w_1(x, mask)))
-        return self.w_2(x, mask)
+        """``(B, T, D) -> (B, T, D)``, computed on ``(B*T, D)`` rows: exported
+        to ONNX as Gemm + bias + ReLU, which ONNX Runtime fuses."""
+        rows = x.reshape(-1, x.size(-1))  # (B*T, D)
+        row_mask = None if mask is None else mask.reshape(-1, 1)
+        h = dropout(self.dropout, self.activation(self.w_1(rows, row_mask)))
+        return self.w_2(h, row_mask).view(x.shape)
 
 
 class RelPositionAttention(Reparameterizable):
