@@ -7,6 +7,12 @@ after a warm-up), reporting the median and the spread over repeats::
     python -m espnet_fusionformer.bench            # full run, ~10 min on 2 cores
     python -m espnet_fusionformer.bench --quick    # small model, few repeats
 
+A streaming section compares the causal FusionFormer (fused, ``forward_chunk``
+with attention/convolution caches) with ESPnet's streaming
+``ContextualBlockConformerEncoder`` (``forward_infer``) on one 10 s utterance:
+per-chunk latency, real-time factor and first-token latency (``--no-streaming``
+skips it).
+
 Writes ``<out>/bench.md`` (table), ``<out>/bench.json`` and ``<out>/bench.png``.
 """
 
@@ -43,6 +49,7 @@ FULL = dict(
     min_repeats=5,
     budget=10.0,
     warmup=1,
+    stream_frames=1000,
 )
 QUICK = dict(
     output_size=64,
@@ -57,6 +64,7 @@ QUICK = dict(
     min_repeats=2,
     budget=1.0,
     warmup=1,
+    stream_frames=1000,
 )
 # (engine, variant, frames, threads) -> target of the ratio FusionFormer/Conformer
 TARGETS = {
@@ -95,6 +103,15 @@ ACT_OPS = {
     "aten::sigmoid_backward",
 }
 CONFORMER, FUSIONFORMER = "conformer", "fusionformer"
+# Streaming: FusionFormer chunks of 16 output frames (640 ms at subsampling 4),
+# 4 chunks of left context; ContextualBlockConformer blocks of 40 frames, hop 16,
+# look-ahead 16 (ESPnet's usual streaming setting), fed 640 ms of features a call.
+STREAMING = dict(
+    chunk_size=16, left_chunks=4, block_size=40, hop_size=16, look_ahead=16
+)
+CBC_CLASS = "espnet2.asr.encoder.contextual_block_conformer_encoder." + (
+    "ContextualBlockConformerEncoder"
+)
 
 
 # -- command line ------------------------------------------------------------------
@@ -138,6 +155,17 @@ def get_parser() -> argparse.ArgumentParser:
     add("--no-torchscript", action="store_true", help="skip TorchScript")
     add("--no-train", action="store_true", help="skip the training step")
     add("--no-profile", action="store_true", help="skip op shares/FLOPs/memory")
+    add(
+        "--no-streaming",
+        action="store_true",
+        help="skip the streaming comparison (FusionFormer forward_chunk vs "
+        "ContextualBlockConformer)",
+    )
+    add(
+        "--stream-frames",
+        type=int,
+        help="input frames of the streamed utterance (default 1000 = 10 s)",
+    )
     add("--seed", type=int, default=0)
     return parser
 
@@ -159,6 +187,7 @@ def resolve(args: argparse.Namespace) -> Dict:
     conf["torchscript"] = not args.no_torchscript
     conf["train"] = not args.no_train
     conf["profile"] = not args.no_profile
+    conf["streaming"] = not args.no_streaming
     return conf
 
 
@@ -658,6 +687,228 @@ def train_step_fn(model: torch.nn.Module, xs, ilens) -> Callable[[], object]:
     return step
 
 
+# -- streaming ---------------------------------------------------------------------
+def build_streaming_models(conf: Dict) -> Dict[str, torch.nn.Module]:
+    """ESPnet's ContextualBlockConformer and a causal FusionFormer (fused), same
+    sizes as the full-context pair."""
+    from espnet2.asr.encoder.contextual_block_conformer_encoder import (
+        ContextualBlockConformerEncoder,
+    )
+
+    from espnet_fusionformer import FusionFormerEncoder, fuse
+
+    sizes = dict(
+        output_size=conf["output_size"],
+        attention_heads=conf["attention_heads"],
+        linear_units=conf["linear_units"],
+        num_blocks=conf["num_blocks"],
+        cnn_module_kernel=conf["cnn_module_kernel"],
+        input_layer=conf["input_layer"],
+        macaron_style=True,
+    )
+    torch.manual_seed(conf["seed"])
+    cbc = ContextualBlockConformerEncoder(
+        conf["input_size"],
+        block_size=STREAMING["block_size"],
+        hop_size=STREAMING["hop_size"],
+        look_ahead=STREAMING["look_ahead"],
+        normalize_before=True,
+        activation_type="swish",
+        use_cnn_module=True,
+        **sizes,
+    ).eval()
+    torch.manual_seed(conf["seed"])
+    ff = FusionFormerEncoder(
+        conf["input_size"],
+        causal=True,
+        chunk_size=STREAMING["chunk_size"],
+        left_chunks=STREAMING["left_chunks"],
+        **sizes,
+    )
+    calibrate(ff, conf)
+    return {CONFORMER: cbc, FUSIONFORMER: fuse(ff)}
+
+
+def ff_stream(encoder, xs: torch.Tensor) -> List[Tuple[float, int]]:
+    """Encode ``(1, T, F)`` chunk by chunk with ``forward_chunk`` and caches, as
+    ``streaming.encode_chunk_by_chunk`` does: ``(seconds, output frames)`` per call."""
+    chunk, left = STREAMING["chunk_size"], STREAMING["left_chunks"]
+    rate, context = encoder.embed.rate(), encoder.embed.min_input_length()
+    window, stride = (chunk - 1) * rate + context, chunk * rate
+    required = chunk * left if left >= 0 else -1
+    att = cnn = torch.zeros(0, 0, 0, 0)
+    calls, offset = [], 0
+    with torch.inference_mode():
+        for start in range(0, xs.size(1) - context + 1, stride):
+            t0 = time.perf_counter()
+            ys, att, cnn = encoder.forward_chunk(
+                xs[:, start : start + window], offset, required, att, cnn
+            )
+            calls.append((time.perf_counter() - t0, ys.size(1)))
+            offset += ys.size(1)
+    return calls
+
+
+def cbc_feed(encoder) -> int:
+    """Input frames the ContextualBlockConformer is fed per call: one hop of
+    output frames (640 ms at hop 16 and subsampling 4)."""
+    return STREAMING["hop_size"] * getattr(encoder, "subsample", 4)
+
+
+def cbc_stream(encoder, xs: torch.Tensor) -> List[Tuple[float, int]]:
+    """Feed ``(1, T, F)`` to ``forward_infer`` in pieces of ``cbc_feed`` frames,
+    ``is_final`` on the last: ``(seconds, output frames)`` per call."""
+    feed = cbc_feed(encoder)
+    states, calls = None, []
+    with torch.inference_mode():
+        for start in range(0, xs.size(1), feed):
+            piece = xs[:, start : start + feed]
+            final = start + feed >= xs.size(1)
+            t0 = time.perf_counter()
+            ys, _, states = encoder.forward_infer(
+                piece, torch.tensor([piece.size(1)]), states, is_final=final
+            )
+            calls.append((time.perf_counter() - t0, ys.size(1)))
+    return calls
+
+
+def cbc_first_output_frames(encoder, xs: torch.Tensor) -> int:
+    """Fewest input frames after which ``forward_infer`` (not final) returns
+    output: the audio the first encoder output waits for."""
+    with torch.inference_mode():
+        for frames in range(1, xs.size(1) + 1):
+            ys, _, _ = encoder.forward_infer(
+                xs[:, :frames], torch.tensor([frames]), None, is_final=False
+            )
+            if ys.size(1) > 0:
+                return frames
+    return xs.size(1)
+
+
+def first_output_fns(models, xs: torch.Tensor) -> Dict[str, Tuple[int, Callable]]:
+    """Per encoder: input frames the first output needs, and a call computing that
+    first output from a fresh state."""
+    ff, cbc = models[FUSIONFORMER], models[CONFORMER]
+    chunk = STREAMING["chunk_size"]
+    ff_frames = (chunk - 1) * ff.embed.rate() + ff.embed.min_input_length()
+    required = chunk * STREAMING["left_chunks"]
+    cbc_frames = cbc_first_output_frames(cbc, xs)
+
+    def ff_first():
+        empty = torch.zeros(0, 0, 0, 0)
+        with torch.inference_mode():
+            return ff.forward_chunk(xs[:, :ff_frames], 0, required, empty, empty)
+
+    def cbc_first():
+        with torch.inference_mode():
+            return cbc.forward_infer(
+                xs[:, :cbc_frames], torch.tensor([cbc_frames]), None, is_final=False
+            )
+
+    return {FUSIONFORMER: (ff_frames, ff_first), CONFORMER: (cbc_frames, cbc_first)}
+
+
+def run_streaming(conf: Dict, threads: int, log) -> Tuple[List[Dict], Dict]:
+    """Interleaved streaming runs of both encoders on one utterance: per-chunk
+    latency, total compute (real-time factor) and first-token latency rows."""
+    models = build_streaming_models(conf)
+    frames = conf["stream_frames"]
+    audio_s = frames / FRAMES_PER_SECOND
+    gen = torch.Generator().manual_seed(conf["seed"] + 3)
+    xs = torch.randn(1, frames, conf["input_size"], generator=gen)
+    streams = {
+        FUSIONFORMER: lambda: ff_stream(models[FUSIONFORMER], xs),
+        CONFORMER: lambda: cbc_stream(models[CONFORMER], xs),
+    }
+    firsts = first_output_fns(models, xs)
+    estimate = 0.0
+    out_frames, n_calls = {}, {}
+    for name in (CONFORMER, FUSIONFORMER):
+        for _ in range(max(conf["warmup"], 1)):
+            start = time.perf_counter()
+            calls = streams[name]()
+            firsts[name][1]()
+            last = time.perf_counter() - start
+        estimate += last
+        out_frames[name] = sum(n for _, n in calls)
+        n_calls[name] = len(calls)
+    if out_frames[FUSIONFORMER] != out_frames[CONFORMER]:
+        log(f"streaming: output frames differ {out_frames}")
+    repeats = int(conf["budget"] / max(estimate, 1e-6))
+    repeats = max(conf["min_repeats"], min(conf["repeats"], repeats))
+    chunk_times: Dict[str, List[float]] = {CONFORMER: [], FUSIONFORMER: []}
+    totals: Dict[str, List[float]] = {CONFORMER: [], FUSIONFORMER: []}
+    first: Dict[str, List[float]] = {CONFORMER: [], FUSIONFORMER: []}
+    order = [CONFORMER, FUSIONFORMER]
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            names = order if r % 2 == 0 else order[::-1]
+            for name in names:
+                calls = streams[name]()
+                chunk_times[name] += [t for t, n in calls if n > 0]
+                totals[name].append(sum(t for t, _ in calls))
+            for name in names:
+                start = time.perf_counter()
+                firsts[name][1]()
+                compute = time.perf_counter() - start
+                first[name].append(firsts[name][0] / FRAMES_PER_SECOND + compute)
+    finally:
+        gc.enable()
+    base = dict(
+        section="streaming",
+        engine="streaming",
+        variant="fused",
+        frames=frames,
+        audio_s=audio_s,
+        threads=threads,
+        batch=1,
+    )
+    rows = []
+    for metric, label, values in (
+        ("chunk", "per-chunk latency (16 fr = 640 ms)", chunk_times),
+        ("total", f"{audio_s:g} s stream, total compute", totals),
+        ("first_token", "first-token latency (wait + compute)", first),
+    ):
+        row = dict(base, metric=metric, label=label)
+        for name in (CONFORMER, FUSIONFORMER):
+            stats = summarize(values[name])
+            stats["p90_ms"] = round(quantile(stats["times_ms"], 0.9), 3)
+            if metric == "total":
+                stats["rtf"] = round(stats["median_ms"] / 1000 / audio_s, 4)
+            if metric == "first_token":
+                stats["wait_ms"] = round(1000 * firsts[name][0] / FRAMES_PER_SECOND, 1)
+            row[name] = stats
+        rows.append(finish_row(row))
+    info = dict(
+        threads=threads,
+        audio_s=audio_s,
+        repeats=repeats,
+        fusionformer=dict(
+            cls="espnet_fusionformer.FusionFormerEncoder (causal, fused)",
+            chunk_size=STREAMING["chunk_size"],
+            left_chunks=STREAMING["left_chunks"],
+            first_output_input_frames=firsts[FUSIONFORMER][0],
+            output_frames=out_frames[FUSIONFORMER],
+            calls=n_calls[FUSIONFORMER],
+            params=sum(p.numel() for p in models[FUSIONFORMER].parameters()),
+        ),
+        conformer=dict(
+            cls=CBC_CLASS,
+            block_size=STREAMING["block_size"],
+            hop_size=STREAMING["hop_size"],
+            look_ahead=STREAMING["look_ahead"],
+            feed_frames=cbc_feed(models[CONFORMER]),
+            first_output_input_frames=firsts[CONFORMER][0],
+            output_frames=out_frames[CONFORMER],
+            calls=n_calls[CONFORMER],
+            params=sum(p.numel() for p in models[CONFORMER].parameters()),
+        ),
+    )
+    return rows, info
+
+
 # -- report ------------------------------------------------------------------------
 def fmt_stats(s: Optional[Dict]) -> str:
     if not s:
@@ -747,6 +998,8 @@ def markdown(result: Dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
+        if row["section"] == "streaming":
+            continue
         lines.append(
             f"| {row_label(row)} | {row['threads']} | {row['batch']} | "
             f"{fmt_stats(row.get(CONFORMER))} | {fmt_stats(row.get(FUSIONFORMER))} | "
@@ -764,6 +1017,7 @@ def markdown(result: Dict) -> str:
                 f"- {row_label(row)}, {row['threads']} thread(s): {ratio} "
                 f"(target ≤ {row['target']:.2f}) — {verdict}"
             )
+    lines += streaming_lines(result)
     lines += static_lines(result)
     lines += ["", "## Exports", ""]
     for name, entries in result["exports"].items():
@@ -780,6 +1034,94 @@ def markdown(result: Dict) -> str:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in result["errors"]]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def streaming_notes(conf: Dict) -> List[str]:
+    chunk, left = STREAMING["chunk_size"], STREAMING["left_chunks"]
+    return [
+        f"Streaming (1 utterance of {conf['stream_frames']} frames = "
+        f"{conf['stream_frames'] / FRAMES_PER_SECOND:g} s, batch 1, "
+        f"{conf['batch_threads']} thread(s), torch.inference_mode, the two "
+        "encoders alternating within every repeat): FusionFormer = causal "
+        f"FusionFormerEncoder, fused, forward_chunk with attention and convolution "
+        f"caches, chunks of {chunk} output frames ({chunk * 40} ms at subsampling 4), "
+        f"{left} chunks of left context, each call fed its chunk's input window "
+        "((chunk-1)*4+7 frames); 'Conformer' in the streaming table = ESPnet's "
+        f"{CBC_CLASS} (same sizes, macaron, swish; block_size "
+        f"{STREAMING['block_size']}, hop_size {STREAMING['hop_size']}, look_ahead "
+        f"{STREAMING['look_ahead']}), forward_infer fed {STREAMING['hop_size'] * 4} "
+        "input frames (640 ms) per call, is_final on the last. Encoders only: no "
+        "frontend, no decoding.",
+        "Per-chunk latency: wall time of every call that returned encoder output "
+        "(all repeats pooled; median and 90th percentile). Real-time factor: total "
+        "compute of the whole stream / audio duration (median over repeats).",
+        "First-token latency (encoder only) = the audio the first output waits for "
+        "+ the processing time of the call that computes it, from a fresh state. "
+        "The wait is the input the first output needs at 10 ms per frame: "
+        "FusionFormer one chunk window ((chunk-1)*4+7 frames, i.e. the chunk's "
+        "640 ms plus the subsampling's 30 ms); ContextualBlockConformer the fewest "
+        "frames after which forward_infer returns output (a full 40-frame block "
+        "with its 16-frame look-ahead). The STFT window's own look-ahead (half an "
+        "FFT) is the same for both and not counted.",
+    ]
+
+
+def streaming_lines(result: Dict) -> List[str]:
+    rows = {r["metric"]: r for r in result["rows"] if r["section"] == "streaming"}
+    info = result.get("streaming") or {}
+    if not rows or not info:
+        return []
+    ff, cbc = info[FUSIONFORMER], info[CONFORMER]
+
+    def cell(row, name, fmt):
+        stats = row.get(name)
+        return fmt(stats) if stats else "n/a"
+
+    lines = [
+        "",
+        f"## Streaming ({info['audio_s']:g} s utterance, batch 1, "
+        f"{info['threads']} thread(s), {info['repeats']} repeats)",
+        "",
+        "| metric | ContextualBlockConformer (ESPnet) | FusionFormer (causal, "
+        "fused, forward_chunk) | ratio FF/CBC |",
+        "|---|---:|---:|---:|",
+    ]
+    if "chunk" in rows:
+        r = rows["chunk"]
+        fmt = lambda s: f"{s['median_ms']:.1f} / {s['p90_ms']:.1f}"  # noqa: E731
+        lines.append(
+            f"| per-chunk latency, median / p90 ms (calls with output) | "
+            f"{cell(r, CONFORMER, fmt)} | {cell(r, FUSIONFORMER, fmt)} | "
+            f"{fmt_ratio(r['ratio'])} |"
+        )
+    if "total" in rows:
+        r = rows["total"]
+        fmt = lambda s: f"{s['rtf']:.4f} ({s['median_ms']:.0f} ms)"  # noqa: E731
+        lines.append(
+            f"| real-time factor (total compute) | {cell(r, CONFORMER, fmt)} | "
+            f"{cell(r, FUSIONFORMER, fmt)} | {fmt_ratio(r['ratio'])} |"
+        )
+    if "first_token" in rows:
+        r = rows["first_token"]
+
+        def fmt(s):
+            compute = s["median_ms"] - s["wait_ms"]
+            return f"{s['median_ms']:.0f} ({s['wait_ms']:.0f} wait + {compute:.1f})"
+
+        lines.append(
+            f"| first-token latency ms (audio wait + compute) | "
+            f"{cell(r, CONFORMER, fmt)} | {cell(r, FUSIONFORMER, fmt)} | "
+            f"{fmt_ratio(r['ratio'])} |"
+        )
+    lines.append(
+        f"| calls / output frames | {cbc['calls']} / {cbc['output_frames']} | "
+        f"{ff['calls']} / {ff['output_frames']} | |"
+    )
+    lines.append(
+        f"| parameters (M) | {cbc['params'] / 1e6:.2f} | {ff['params'] / 1e6:.2f} "
+        f"| {ff['params'] / cbc['params']:.3f} |"
+    )
+    return lines
 
 
 def static_lines(result: Dict) -> List[str]:
@@ -867,8 +1209,11 @@ def plot(result: Dict, path: Path) -> None:
             else None
             for r in items
         ]
-        ax.bar([i - width for i in x], conf_ms, width, label="Conformer", color="#888")
-        ax.bar(list(x), ff_ms, width, label="FusionFormer (fused)", color="#1f77b4")
+        names = ("Conformer", "FusionFormer (fused)")
+        if items[0]["section"] == "streaming":
+            names = ("ContextualBlockConformer", "FusionFormer (causal, fused)")
+        ax.bar([i - width for i in x], conf_ms, width, label=names[0], color="#888")
+        ax.bar(list(x), ff_ms, width, label=names[1], color="#1f77b4")
         if any(extra):
             un_ms = [e[FUSIONFORMER]["median_ms"] if e else 0 for e in extra]
             ax.bar(
@@ -927,6 +1272,12 @@ def short_label(r: Dict) -> str:
         return r["label"]
     if r["section"] == "train":
         return "train step"
+    if r["section"] == "streaming":
+        return {
+            "chunk": "per chunk",
+            "total": f"{r['audio_s']:g} s stream",
+            "first_token": "first token",
+        }[r["metric"]]
     return {"eager": "eager", "onnxruntime": "ONNX RT", "torchscript": "TS"}.get(
         r["engine"], r["engine"]
     )
@@ -940,6 +1291,11 @@ def row_panel(r: Dict) -> str:
             "onnxruntime": "ONNX Runtime",
         }[r["engine"]]
         return f"{name}, batch 1, {r['threads']} thread(s)"
+    if r["section"] == "streaming":
+        return (
+            f"streaming {r['audio_s']:g} s, chunk 640 ms, {r['threads']} thread(s); "
+            "first token incl. audio wait"
+        )
     return (
         f"batch {r['batch']} mixed lengths ({r['audio_s']:g} s audio), "
         f"{r['threads']} thread(s); train: FF training form"
@@ -1046,6 +1402,20 @@ def run(conf: Dict, progress=None) -> Dict:
             del sessions, engines
             gc.collect()
 
+        streaming: Dict = {}
+        if conf["streaming"]:
+            th = conf["batch_threads"]
+            torch.set_num_threads(th)
+            step(f"streaming {conf['stream_frames']} fr, {th} thr")
+            try:
+                stream_rows, streaming = run_streaming(conf, th, log)
+                rows += stream_rows
+            except Exception as err:
+                log(f"streaming benchmark failed: {short_error(err)}")
+                traceback.print_exc()
+            gc.collect()
+            advance()
+
         if conf["train"]:
             th = conf["batch_threads"]
             torch.set_num_threads(th)
@@ -1126,6 +1496,8 @@ def run(conf: Dict, progress=None) -> Dict:
         "FLOPs: torch.utils.flop_counter.FlopCounterMode (matmul/conv/attention "
         "only, elementwise ops not counted).",
     ]
+    if conf["streaming"]:
+        notes += streaming_notes(conf)
     wall = time.perf_counter() - started
     return dict(
         machine=machine,
@@ -1133,6 +1505,7 @@ def run(conf: Dict, progress=None) -> Dict:
         models=info,
         exports=exports,
         rows=rows,
+        streaming=streaming,
         static=static,
         targets=[
             dict(
@@ -1202,7 +1575,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from tqdm import tqdm
 
     total = 2 + len(conf["lengths"]) * len(conf["threads"]) + 1
-    total += int(conf["train"]) + int(conf["profile"])
+    total += int(conf["train"]) + int(conf["profile"]) + int(conf["streaming"])
     with tqdm(total=total, desc="bench", file=sys.stderr, dynamic_ncols=True) as bar:
         result = run(conf, bar)
     out = Path(conf["out"])

@@ -73,3 +73,34 @@ def test_table_and_chart_are_written(quick_run):
     assert table.strip() in proc.stdout  # printed too
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_streaming_rows_compare_fusionformer_chunks_with_contextual_block(quick_run):
+    out, _ = quick_run
+    result = json.loads((out / "bench.json").read_text())
+    rows = {r["metric"]: r for r in result["rows"] if r["section"] == "streaming"}
+    assert set(rows) == {"chunk", "total", "first_token"}
+    info = result["streaming"]
+    ff, cbc = info["fusionformer"], info["conformer"]
+    assert "ContextualBlockConformerEncoder" in cbc["cls"]
+    assert ff["output_frames"] == cbc["output_frames"] == 249  # 10 s at rate 4
+    assert ff["first_output_input_frames"] == 67  # one 16-frame chunk's window
+    assert cbc["first_output_input_frames"] > 4 * (40 - 1)  # a whole block first
+    for row in rows.values():
+        for name in ("conformer", "fusionformer"):
+            stats = row[name]
+            assert 0 < stats["median_ms"] <= stats["p90_ms"] <= stats["max_ms"]
+    for name in ("conformer", "fusionformer"):
+        first = rows["first_token"][name]
+        assert first["median_ms"] > first["wait_ms"] > 0  # wait + compute
+        assert 0 < rows["total"][name]["rtf"] < 1
+    table = (out / "bench.md").read_text()
+    assert "## Streaming" in table and "first-token latency" in table
+
+
+def test_no_streaming_flag():
+    from espnet_fusionformer.bench import get_parser, resolve
+
+    assert resolve(get_parser().parse_args(["--quick"]))["streaming"]
+    conf = resolve(get_parser().parse_args(["--quick", "--no-streaming"]))
+    assert conf["streaming"] is False and conf["stream_frames"] == 1000
