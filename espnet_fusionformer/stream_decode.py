@@ -113,7 +113,10 @@ class StreamingFrontend:
         )
         feats = feats[0, : total - self.frames]
         self.frames = total
-        drop = total * self.hop - self._start  # keep from the next frame on
+        keep_from = total * self.hop  # the next frame's start (padded index)
+        if self.pad and not is_final:  # and the pad + 1 samples the end reflects
+            keep_from = min(keep_from, self.samples - 1)
+        drop = max(keep_from - self._start, 0)
         self._signal = self._signal[drop:]
         self._start += drop
         return feats
@@ -244,10 +247,12 @@ class Speech2TextStreaming:
             (CTC prefix beam search, n-best rescored by the attention decoder
             plus the CTC score), or ``beam_search`` (the ``Speech2Text``'s own
             search over the whole encoder output).
-        beam_size: beam of the CTC prefix search (attention rescoring).
-        ctc_weight: weight of the CTC score in attention rescoring.
-        speech2text_kwargs: further ``Speech2Text`` arguments (``beam_size``,
-            ``ctc_weight``, ``device``, ... of its beam search).
+        beam_size: beam of the CTC prefix search (attention rescoring) and of the
+            ``Speech2Text`` built here (``beam_search``).
+        ctc_weight: weight of the CTC score in attention rescoring and in the
+            ``Speech2Text`` built here.
+        kwargs: further ``Speech2Text`` arguments (``device``, ``maxlenratio``,
+            ``lm_file``, ...), when it is built here.
     """
 
     def __init__(
@@ -260,7 +265,7 @@ class Speech2TextStreaming:
         final_decoding: str = "ctc_greedy",
         beam_size: int = 10,
         ctc_weight: float = 0.3,
-        **speech2text_kwargs,
+        **kwargs,
     ) -> None:
         if chunk_size < 1 or left_chunks < -1:
             raise ValueError(
@@ -277,7 +282,7 @@ class Speech2TextStreaming:
             speech2text = Speech2Text(
                 asr_train_config=asr_train_config,
                 asr_model_file=asr_model_file,
-                **speech2text_kwargs,
+                **dict(dict(beam_size=beam_size, ctc_weight=ctc_weight), **kwargs),
             )
         model = speech2text.asr_model
         check_streamable(model)
@@ -541,21 +546,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from tqdm import tqdm
 
     torch.set_num_threads(args.nthreads)
-    s2t = Speech2TextStreaming(
-        asr_train_config=args.asr_train_config,
-        asr_model_file=args.asr_model_file,
-        chunk_size=args.chunk_size,
-        left_chunks=args.left_chunks,
-        final_decoding=args.final_decoding,
-        beam_size=args.beam_size,
-        ctc_weight=args.ctc_weight,
-        device=args.device,
-        **(
-            dict(beam_size=args.beam_size, ctc_weight=args.ctc_weight)
-            if args.final_decoding == "beam_search"
-            else {}
-        ),
-    )
+    try:
+        s2t = Speech2TextStreaming(
+            asr_train_config=args.asr_train_config,
+            asr_model_file=args.asr_model_file,
+            chunk_size=args.chunk_size,
+            left_chunks=args.left_chunks,
+            final_decoding=args.final_decoding,
+            beam_size=args.beam_size,
+            ctc_weight=args.ctc_weight,
+            device=args.device,
+        )
+    except ValueError as err:  # a model that cannot stream
+        raise SystemExit(f"{args.asr_model_file}: {err}") from err
     reader = SoundScpReader(args.wav_scp, dtype="float32")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -116,21 +116,25 @@ def full_forward(model, speech, chunk_size, left_chunks):
 def test_incremental_features_equal_full_utterance_features(s2t, blocks):
     model = s2t.asr_model
     frontend = StreamingFrontend(model.frontend)
-    for n in (20800, 20857, 129):  # whole hops, a ragged end, barely one frame
+    for n in (20480, 20800, 20857, 129):  # whole hops, ragged ends, barely a frame
         speech = torch.from_numpy(audio(n / 16000, seed=1))[:n]
         with torch.no_grad():
             full, lens = model.frontend(speech[None], torch.tensor([n]))
-        frontend.reset()
-        pieces, start = [], 0
-        for size in itertools.cycle(blocks):
-            end = min(start + size, n)
-            pieces.append(frontend(speech[start:end], is_final=end == n))
-            start = end
-            if end == n:
-                break
-        streamed = torch.cat(pieces)
-        assert streamed.shape == full[0].shape and int(lens) == streamed.size(0)
-        assert (streamed - full[0]).abs().max() < 1e-4
+        for empty_final in (False, True):  # the end comes with samples or alone
+            frontend.reset()
+            pieces, start = [], 0
+            for size in itertools.cycle(blocks):
+                end = min(start + size, n)
+                final = end == n and not empty_final
+                pieces.append(frontend(speech[start:end], is_final=final))
+                start = end
+                if end == n:
+                    break
+            if empty_final:
+                pieces.append(frontend(speech[:0], is_final=True))
+            streamed = torch.cat(pieces)
+            assert streamed.shape == full[0].shape and int(lens) == streamed.size(0)
+            assert (streamed - full[0]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("left_chunks", [-1, 1])
