@@ -109,7 +109,7 @@ class StreamingFrontend:
         last = (total - 1) * self.hop + self.n_fft - self._start
         segment = self._signal[first:last]
         feats, _ = self.frontend(
-            segment[None], torch.tensor([segment.numel()], dtype=torch.long)
+            segment[None], torch.tensor([segment.numel()], device=segment.device)
         )
         feats = feats[0, : total - self.frames]
         self.frames = total
@@ -122,7 +122,8 @@ class StreamingFrontend:
         return feats
 
     def _empty(self) -> torch.Tensor:
-        return torch.zeros(0, self.frontend.output_size())
+        device = next(self.frontend.buffers(), torch.zeros(0)).device
+        return torch.zeros(0, self.frontend.output_size(), device=device)
 
 
 # -- CTC search ----------------------------------------------------------------------
@@ -297,6 +298,7 @@ class Speech2TextStreaming:
         self.chunk_size, self.left_chunks = chunk_size, left_chunks
         self.final_decoding = final_decoding
         self.beam_size, self.ctc_weight = beam_size, ctc_weight
+        self.device = next(model.parameters()).device
         self.fs = self._sample_rate(model.frontend)
         self.frontend = StreamingFrontend(model.frontend)
         self.rate = self.encoder.embed.rate()
@@ -323,10 +325,13 @@ class Speech2TextStreaming:
     def reset(self) -> None:
         """Forget the current utterance (called after every ``is_final``)."""
         self.frontend.reset()
-        self._feats = torch.zeros(0, self.frontend.frontend.output_size())
+        device = self.device
+        self._feats = torch.zeros(
+            0, self.frontend.frontend.output_size(), device=device
+        )
         self._feat_start = 0  # utterance frame index of _feats[0]
-        self._att_cache = torch.zeros(0, 0, 0, 0)
-        self._cnn_cache = torch.zeros(0, 0, 0, 0)
+        self._att_cache = torch.zeros(0, 0, 0, 0, device=device)
+        self._cnn_cache = torch.zeros(0, 0, 0, 0, device=device)
         self._offset = 0  # encoder output frames so far
         self._encoded: List[torch.Tensor] = []
         self._logp: List[torch.Tensor] = []
@@ -361,7 +366,7 @@ class Speech2TextStreaming:
             )
         if not bool(torch.isfinite(speech).all()):
             raise ValueError("speech contains NaN or Inf")
-        return speech.detach().to("cpu", torch.float32)
+        return speech.detach().to(self.device, torch.float32)
 
     # -- decoding --------------------------------------------------------------------
     @torch.no_grad()
@@ -395,7 +400,8 @@ class Speech2TextStreaming:
         normalize = self.asr_model.normalize
         if normalize is None or feats.size(0) == 0:
             return feats
-        out, _ = normalize(feats[None].clone(), torch.tensor([feats.size(0)]))
+        lengths = torch.tensor([feats.size(0)], device=feats.device)
+        out, _ = normalize(feats[None].clone(), lengths)
         return out[0]
 
     def _encode(self, feats: torch.Tensor, is_final: bool) -> bool:
@@ -440,7 +446,7 @@ class Speech2TextStreaming:
     def encoder_output(self) -> torch.Tensor:
         """``(T', D)`` encoder output of the current utterance so far."""
         if not self._encoded:
-            return torch.zeros(0, self.encoder.output_size())
+            return torch.zeros(0, self.encoder.output_size(), device=self.device)
         return torch.cat(self._encoded)
 
     def _final(self) -> List[Result]:
@@ -490,8 +496,13 @@ def attention_rescoring(
         ys_in[i, : len(tokens) + 1] = torch.tensor([model.sos, *tokens])
         ys_out[i, : len(tokens) + 1] = torch.tensor([*tokens, model.eos])
     lens = torch.tensor([len(t) + 1 for t, _ in nbest])
+    ys_in, ys_out, lens = (
+        ys_in.to(enc.device),
+        ys_out.to(enc.device),
+        lens.to(enc.device),
+    )
     hs = enc[None].expand(n, -1, -1)
-    hlens = torch.full((n,), enc.size(0), dtype=torch.long)
+    hlens = torch.full((n,), enc.size(0), dtype=torch.long, device=enc.device)
     logits, _ = model.decoder(hs, hlens, ys_in, lens)
     logp = torch.log_softmax(logits, dim=-1)
     valid = ys_out >= 0
