@@ -73,6 +73,7 @@ setup(
         "console_scripts": [
             "fusionformer-bench=espnet_fusionformer.bench:main",
             "fusionformer-export=espnet_fusionformer.export:main",
+            "fusionformer-stream-decode=espnet_fusionformer.stream_decode:main",
         ]
     },
     cmdclass={

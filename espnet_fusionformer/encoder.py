@@ -278,12 +278,15 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
         return super()._apply(fn, recurse)
 
     def deployed(self) -> "FusionFormerEncoder":
-        """The folded copy of this (eval-mode) encoder, built on first use."""
-        if self.__dict__.get("_deploy") is None:
+        """The folded copy of this (eval-mode) encoder, built on first use; it
+        follows this encoder's chunk settings, which may change between calls."""
+        deploy = self.__dict__.get("_deploy")
+        if deploy is None:
             from espnet_fusionformer.fusion import fuse
 
-            self.__dict__["_deploy"] = fuse(self)
-        return self.__dict__["_deploy"]
+            deploy = self.__dict__["_deploy"] = fuse(self)
+        deploy.chunk_size, deploy.left_chunks = self.chunk_size, self.left_chunks
+        return deploy
 
     def reparameterize(self) -> None:
         """Mark this encoder as deploy form (``fuse()`` folds the layers)."""

@@ -30,6 +30,15 @@ ABLATIONS = {
     "train_fusionformer_bn_in_place.yaml": "batchnorm_in_place",
     "train_fusionformer_no_norm.yaml": "none",
 }
+STREAMING = "train_fusionformer_streaming.yaml"
+STREAMING_KEYS = {
+    "causal",
+    "chunk_size",
+    "left_chunks",
+    "dynamic_chunk_training",
+    "max_dynamic_chunk",
+    "dynamic_left_chunks",
+}
 # Keys a fusionformer encoder_conf may use: the ones that apply to it.
 FUSIONFORMER_KEYS = {
     "output_size",
@@ -45,6 +54,7 @@ FUSIONFORMER_KEYS = {
     "cnn_module_kernel",
     "normalization",
     "activation",
+    *STREAMING_KEYS,
 }
 
 
@@ -59,7 +69,7 @@ def load(path: Path) -> dict:
 def twin_pairs():
     pairs = []
     for path in TRAIN_CONFIGS:
-        if "fusionformer" not in path.name or path.name in ABLATIONS:
+        if "fusionformer" not in path.name or path.name in {*ABLATIONS, STREAMING}:
             continue
         pairs.append(
             (path, path.with_name(path.name.replace("fusionformer", "conformer")))
@@ -133,6 +143,16 @@ def test_ablations_differ_only_in_normalization(name, normalization):
     assert ablation["encoder_conf"].pop("normalization") == normalization
     assert base["encoder_conf"].pop("normalization") == "fusion"
     assert ablation == base
+
+
+def test_streaming_config_differs_only_in_streaming_keys():
+    base, streaming = (
+        load(RECIPE_CONF / "train_fusionformer.yaml"),
+        load(RECIPE_CONF / STREAMING),
+    )
+    added = {k: streaming["encoder_conf"].pop(k) for k in STREAMING_KEYS}
+    assert added["causal"] is True and added["dynamic_chunk_training"] is True
+    assert streaming == base
 
 
 @pytest.mark.parametrize("path", DECODE_CONFIGS, ids=rel)

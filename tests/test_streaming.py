@@ -106,3 +106,15 @@ def test_bad_streaming_input_is_rejected():
         warm_up(make_encoder()).forward_chunk(xs[:, :19], 0, -1, empty, empty)
     with pytest.raises(RuntimeError, match="call encoder.eval"):
         encoder.train().forward_chunk(xs[:, :19], 0, -1, empty, empty)
+
+
+def test_folded_copy_follows_chunk_settings_changed_in_eval():
+    encoder = warm_up(make_encoder(causal=True))  # fuse_for_inference: True
+    xs, ilens = batch([120], seed=7)
+    with torch.no_grad():
+        full = encoder(xs, ilens)[0]
+        encoder.chunk_size = 4
+        chunked = encoder(xs, ilens)[0]
+        expected = encode_chunk_by_chunk(encoder, xs, 4)
+    assert not torch.allclose(full, chunked, atol=1e-3)
+    assert (chunked - expected).abs().max() < 1e-4
