@@ -225,15 +225,11 @@ def machine_info() -> Dict:
 
 
 # -- models ------------------------------------------------------------------------
-def build_models(conf: Dict) -> Dict[str, torch.nn.Module]:
-    """ESPnet's Conformer, FusionFormer (training form), FusionFormer (fused)."""
-    import inspect
 
-    from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 
-    from espnet_fusionformer import FusionFormerEncoder, fuse
-
-    sizes = dict(
+def _encoder_sizes(conf: Dict) -> Dict:
+    """The sizes both encoders of a comparison share."""
+    return dict(
         output_size=conf["output_size"],
         attention_heads=conf["attention_heads"],
         linear_units=conf["linear_units"],
@@ -242,6 +238,17 @@ def build_models(conf: Dict) -> Dict[str, torch.nn.Module]:
         input_layer=conf["input_layer"],
         macaron_style=True,
     )
+
+
+def build_models(conf: Dict) -> Dict[str, torch.nn.Module]:
+    """ESPnet's Conformer, FusionFormer (training form), FusionFormer (fused)."""
+    import inspect
+
+    from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
+
+    from espnet_fusionformer import FusionFormerEncoder, fuse
+
+    sizes = _encoder_sizes(conf)
     torch.manual_seed(conf["seed"])
     extra = {}
     if "use_flash_attn" in inspect.signature(ConformerEncoder.__init__).parameters:
@@ -697,15 +704,7 @@ def build_streaming_models(conf: Dict) -> Dict[str, torch.nn.Module]:
 
     from espnet_fusionformer import FusionFormerEncoder, fuse
 
-    sizes = dict(
-        output_size=conf["output_size"],
-        attention_heads=conf["attention_heads"],
-        linear_units=conf["linear_units"],
-        num_blocks=conf["num_blocks"],
-        cnn_module_kernel=conf["cnn_module_kernel"],
-        input_layer=conf["input_layer"],
-        macaron_style=True,
-    )
+    sizes = _encoder_sizes(conf)
     torch.manual_seed(conf["seed"])
     cbc = ContextualBlockConformerEncoder(
         conf["input_size"],

@@ -429,6 +429,13 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
         )  # (L, 1, K-1, D)
         return xs, new_att, new_cnn
 
+    @property
+    def streamable(self) -> bool:
+        """No convolution module looks ahead (``causal: true`` or no module)."""
+        return all(
+            b.conv_module is None or b.conv_module.lorder > 0 for b in self.encoders
+        )
+
     def heads(self) -> int:
         return self.encoders[0].attention.heads
 
@@ -444,10 +451,7 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
         cnn_cache: torch.Tensor,
     ) -> None:
         """Raise ``ValueError`` for a chunk or caches this model cannot continue."""
-        if any(
-            b.conv_module is not None and b.conv_module.lorder == 0
-            for b in self.encoders
-        ):
+        if not self.streamable:
             raise ValueError(
                 "streaming needs a causal convolution module: train with "
                 "encoder_conf causal: true (or use_cnn_module: false)"

@@ -203,10 +203,7 @@ def check_streamable(model: torch.nn.Module) -> None:
             "streaming decoding needs encoder: fusionformer, this model has "
             f"{type(encoder).__name__}"
         )
-    if any(
-        block.conv_module is not None and block.conv_module.lorder == 0
-        for block in encoder.encoders
-    ):
+    if not encoder.streamable:
         raise ValueError(
             "the encoder is not causal: its convolution module sees the future. "
             "Streaming needs a model trained with encoder_conf causal: true "
