@@ -335,9 +335,9 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
         Returns:
             ``(B, T', D)`` encoded frames, ``(B,)`` output lengths, ``None``.
         """
-        self.check_input(xs_pad, ilens)
         if not self.training and self.fuse_for_inference and not self.fused:
-            return self.deployed().forward(xs_pad, ilens)
+            return self.deployed().forward(xs_pad, ilens)  # checks the input itself
+        self.check_input(xs_pad, ilens)
         xs, olens = self.encode(xs_pad, ilens)
         return xs, olens, None
 
@@ -394,11 +394,11 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
         """
         if self.training:
             raise RuntimeError("forward_chunk is for inference: call encoder.eval()")
-        self._check_chunk(xs, offset, required_cache_size, att_cache, cnn_cache)
-        if self.fuse_for_inference and not self.fused:
+        if self.fuse_for_inference and not self.fused:  # the copy checks the chunk
             return self.deployed().forward_chunk(
                 xs, offset, required_cache_size, att_cache, cnn_cache
             )
+        self._check_chunk(xs, offset, required_cache_size, att_cache, cnn_cache)
         xs, _, _ = self.embed(xs, torch.tensor([xs.size(1)], device=xs.device))
         pos_emb = self.embed.positions(att_cache.size(2) + xs.size(1), xs)
         att_caches, cnn_caches = [], []
