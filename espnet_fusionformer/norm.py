@@ -79,13 +79,13 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
             shift = self.bias - self.running_mean * scale
             return x * scale.view(shape) + shift.view(shape)
 
-        sync = self.sync if self.sync is not None else _distributed_world_size() > 1
-        if sync:
-            return self._forward_synced(x, mask, shape)
         momentum = self.momentum
         self.num_batches_tracked.add_(1)
         if momentum is None:  # cumulative moving average, as torch's BatchNorm
             momentum = 1.0 / float(self.num_batches_tracked)
+        sync = self.sync if self.sync is not None else _distributed_world_size() > 1
+        if sync:
+            return self._forward_synced(x, mask, shape, momentum)
         channel_dim = self.channel_dim % x.dim()
         if mask is None or bool(mask.all()):
             if channel_dim == 1:
@@ -118,7 +118,11 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
         )
 
     def _forward_synced(
-        self, x: torch.Tensor, mask: Optional[torch.Tensor], shape: List[int]
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        shape: List[int],
+        momentum: float,
     ) -> torch.Tensor:
         """Training statistics over the valid frames of every rank."""
         dims = [d for d in range(x.dim()) if d != self.channel_dim % x.dim()]
@@ -142,8 +146,6 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
         var = _all_reduce((centered * centered * weight).sum(dims)) / count
 
         with torch.no_grad():
-            momentum = self.momentum if self.momentum is not None else 0.1
-            self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean.detach(), momentum)
             self.running_var.lerp_(var.detach() * count / (count - 1), momentum)
 
