@@ -22,13 +22,19 @@ from espnet_fusionformer.norm import make_norm
 ACTIVATIONS = {"relu": torch.nn.ReLU, "swish": torch.nn.SiLU}
 
 
-def make_activation(name: str) -> torch.nn.Module:
-    """In-place activation: it always follows a layer whose output is fresh."""
+def make_activation(name: str) -> Optional[torch.nn.Module]:
+    """The activation that follows a ``LayerBN``: ``None`` for ReLU, which the
+    ``LayerBN`` applies itself (fused with its BatchNorm), else an in-place module
+    (it always follows a layer whose output is fresh)."""
     if name not in ACTIVATIONS:
         raise ValueError(
             f"unknown activation {name!r}: choose from {list(ACTIVATIONS)}"
         )
-    return ACTIVATIONS[name](inplace=True)
+    return None if name == "relu" else ACTIVATIONS[name](inplace=True)
+
+
+def activate(activation: Optional[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return x if activation is None else activation(x)
 
 
 def dropout(module: torch.nn.Dropout, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +67,7 @@ class FeedForward(torch.nn.Module):
         sync: Optional[bool] = None,
     ) -> None:
         super().__init__()
-        self.w_1 = linear_bn(size, units, batch_norm, sync)
+        self.w_1 = linear_bn(size, units, batch_norm, sync, activation == "relu")
         self.activation = make_activation(activation)
         self.dropout = torch.nn.Dropout(dropout_rate)
         self.w_2 = linear_bn(units, size, batch_norm, sync)
@@ -71,7 +77,7 @@ class FeedForward(torch.nn.Module):
         to ONNX as Gemm + bias + ReLU, which ONNX Runtime fuses."""
         rows = x.reshape(-1, x.size(-1))  # (B*T, D)
         row_mask = None if mask is None else mask.reshape(-1, 1)
-        h = dropout(self.dropout, self.activation(self.w_1(rows, row_mask)))
+        h = dropout(self.dropout, activate(self.activation, self.w_1(rows, row_mask)))
         return self.w_2(h, row_mask).view(x.shape)
 
 
@@ -254,8 +260,9 @@ class ConvModule(torch.nn.Module):
             raise ValueError(f"cnn_module_kernel must be odd, got {kernel_size}")
         self.glu = glu
         self.lorder = kernel_size - 1 if causal else 0  # frames of left context
+        relu = activation == "relu"
         self.pointwise_conv1 = linear_bn(
-            size, 2 * size if glu else size, batch_norm, sync
+            size, 2 * size if glu else size, batch_norm, sync, relu and not glu
         )
         depthwise = torch.nn.Conv2d(
             size,
@@ -265,7 +272,7 @@ class ConvModule(torch.nn.Module):
             groups=size,
         )
         depthwise.to(memory_format=torch.channels_last)
-        self.depthwise_conv = LayerBN(depthwise, batch_norm=True, sync=sync)
+        self.depthwise_conv = LayerBN(depthwise, True, sync, relu)
         self.activation = make_activation(activation)
         self.pointwise_conv2 = linear_bn(size, size, batch_norm, sync)
 
@@ -284,7 +291,7 @@ class ConvModule(torch.nn.Module):
         if self.glu:
             x = torch.nn.functional.glu(x, dim=-1)
         else:
-            x = self.activation(x)
+            x = activate(self.activation, x)
         x_mask: Optional[torch.Tensor] = None
         if mask is not None:
             x = x.masked_fill(~mask, 0.0)
@@ -296,7 +303,7 @@ class ConvModule(torch.nn.Module):
         elif self.lorder > 0:
             x = torch.nn.functional.pad(x, (0, 0, self.lorder, 0))
         x = self.depthwise_conv(x.transpose(1, 2).unsqueeze(-1), x_mask)  # (B,D,T,1)
-        x = self.activation(x.squeeze(-1).transpose(1, 2))  # (B, T, D)
+        x = activate(self.activation, x.squeeze(-1).transpose(1, 2))  # (B, T, D)
         return self.pointwise_conv2(x, mask), new_cache
 
 

@@ -34,20 +34,27 @@ def check_eval(module: torch.nn.Module) -> None:
 
 
 class LayerBN(Reparameterizable):
-    """``layer`` then an optional ``MaskedBatchNorm`` over its output channels.
+    """``layer`` then an optional ``MaskedBatchNorm`` over its output channels, then
+    an optional ReLU (fused with the BatchNorm in training).
 
     Args:
         layer: ``torch.nn.Linear`` on ``(B, T, C)`` or ``torch.nn.Conv1d/Conv2d`` on
             ``(B, C, T[, F])``.
         batch_norm: append a BatchNorm. (Default: ``True``)
         sync: cross-rank statistics of the BatchNorm (see ``MaskedBatchNorm``).
+        relu: apply ReLU to the output. (Default: ``False``)
     """
 
     def __init__(
-        self, layer: Layer, batch_norm: bool = True, sync: Optional[bool] = None
+        self,
+        layer: Layer,
+        batch_norm: bool = True,
+        sync: Optional[bool] = None,
+        relu: bool = False,
     ) -> None:
         super().__init__()
         self.layer = layer
+        self.relu = relu
         channels = layer.out_features if isinstance(layer, torch.nn.Linear) else None
         channel_dim = -1
         if channels is None:
@@ -65,13 +72,14 @@ class LayerBN(Reparameterizable):
             x: ``(B, T, Cin)`` for Linear, ``(B, Cin, T[, F])`` for convolutions.
             mask: bool, True on valid frames, broadcastable to the output.
         """
-        if self.bn is None and isinstance(self.layer, torch.nn.Linear):
-            # deploy form: skip the module call, the hottest path at small batches
-            return torch.nn.functional.linear(x, self.layer.weight, self.layer.bias)
-        x = self.layer(x)
         if self.bn is not None:
-            x = self.bn(x, mask)
-        return x
+            return self.bn(self.layer(x), mask, self.relu)
+        if isinstance(self.layer, torch.nn.Linear):
+            # skip the module call: the hottest path of the deploy form
+            x = torch.nn.functional.linear(x, self.layer.weight, self.layer.bias)
+        else:
+            x = self.layer(x)
+        return x.relu_() if self.relu else x
 
     def reparameterize(self) -> None:
         """Fold the BatchNorm into ``layer`` and drop it (no-op once folded)."""
@@ -90,7 +98,9 @@ def linear_bn(
     out_features: int,
     batch_norm: bool,
     sync: Optional[bool] = None,
+    relu: bool = False,
 ) -> LayerBN:
-    """``Linear(in, out)`` + BatchNorm; the bias moves into the BatchNorm's beta."""
+    """``Linear(in, out)`` + BatchNorm (+ ReLU); the bias moves into the BatchNorm's
+    beta."""
     linear = torch.nn.Linear(in_features, out_features, bias=not batch_norm)
-    return LayerBN(linear, batch_norm, sync)
+    return LayerBN(linear, batch_norm, sync, relu)

@@ -7,7 +7,7 @@ an ordinary affine BatchNorm with running statistics, which ``torch.nn.utils.fus
 folds into the layer before it.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -18,11 +18,98 @@ def _distributed_world_size() -> int:
     return 1
 
 
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum over ranks (the backward pass sums gradients too)."""
-    import torch.distributed.nn.functional as dist_fn
+# rows per block of the blocked reductions: about 1 MB of float32, so that the
+# temporaries stay in cache (allocating tensors of 100 MB costs page faults)
+_BLOCK = 1 << 18
 
-    return dist_fn.all_reduce(x)
+
+def _blocks(rows: int, channels: int) -> List[Tuple[int, int]]:
+    step = max(1, _BLOCK // channels)
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+class _MaskedBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm (+ ReLU) on ``(N, C)`` rows, statistics over the rows
+    where ``mask`` (``(N, 1)``, 0/1) is 1.
+
+    Plain tensor arithmetic: no device-to-host synchronization; statistics in
+    float32 (or float64) whatever the input dtype, as mask-weighted sums over
+    blocks of rows, so padded rows cost no gather/scatter and no large temporary.
+    Across ranks it takes one all-reduce in the forward pass and one in the
+    backward pass. Padded rows come out as 0 and get a zero gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x, mask, weight, bias, running_mean, running_var, momentum, eps, relu, sync
+    ):
+        acc = mask.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            m = mask[:, 0]
+            channels = x.size(1)
+            sums = x.new_zeros(2 * channels + 1, dtype=acc)  # sum x, sum x^2, n
+            for i, j in _blocks(x.size(0), channels):
+                block = x[i:j].to(acc)
+                sums[:channels].addmv_(block.t(), m[i:j])
+                sums[channels:-1].addmv_(block.square().t(), m[i:j])
+            sums[-1] = m.sum()
+            if sync:
+                torch.distributed.all_reduce(sums)
+            s1, s2, n = sums.split([channels, channels, 1])
+            count = n.clamp(min=1)
+            mean = s1 / count
+            var = (s2 / count - mean * mean).clamp_(min=0)
+            invstd = torch.rsqrt(var + eps)
+            scale = weight * invstd
+            shift = bias - mean * scale
+            y = torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+            if relu:
+                y.clamp_min_(0)
+            y.mul_(mask.to(x.dtype))
+            with torch.no_grad():
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                unbiased = var * n / (n - 1).clamp(min=1)
+                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        ctx.sync = sync
+        ctx.save_for_backward(x, mask, weight, mean, invstd, count, y if relu else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mask, weight, mean, invstd, count, y = ctx.saved_tensors
+        acc = mask.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            m = mask[:, 0]
+            blocks = _blocks(x.size(0), x.size(1))
+
+            def grad_block(i: int, j: int) -> torch.Tensor:
+                if y is None:
+                    return dy[i:j].to(acc)
+                return torch.ops.aten.threshold_backward(dy[i:j], y[i:j], 0).to(acc)
+
+            grad_bias = weight.new_zeros(x.size(1), dtype=acc)
+            grad_xy = torch.zeros_like(grad_bias)  # sums over valid rows
+            for i, j in blocks:
+                g = grad_block(i, j)
+                grad_bias.addmv_(g.t(), m[i:j])
+                grad_xy.addmv_((g * x[i:j]).t(), m[i:j])
+            grad_weight = invstd * (grad_xy - mean * grad_bias)
+            if ctx.sync:  # the input gradient needs the sums of every rank
+                sums = torch.cat([grad_bias, grad_weight])
+                torch.distributed.all_reduce(sums)
+                total_bias, total_weight = sums.split(grad_bias.numel())
+            else:
+                total_bias, total_weight = grad_bias, grad_weight
+            # dx = w invstd (g - (sum g + xhat sum g xhat) / n) on valid rows, 0 else
+            a = weight * invstd
+            b = -a * invstd * total_weight / count
+            c = a * (invstd * mean * total_weight - total_bias) / count
+            dx = torch.empty_like(x, dtype=acc)
+            for i, j in blocks:
+                out = torch.addcmul(c, x[i:j], b, out=dx[i:j])
+                out.addcmul_(grad_block(i, j), a).mul_(mask[i:j])
+            dx = dx.to(x.dtype)
+        return dx, None, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class MaskedBatchNorm(torch.nn.BatchNorm1d):
@@ -31,6 +118,8 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
     The state_dict is that of :class:`torch.nn.BatchNorm1d` (``weight``, ``bias``,
     ``running_mean``, ``running_var``, ``num_batches_tracked``), so it folds with
     ``torch.nn.utils.fusion`` and averages/packs like any ESPnet checkpoint.
+    Statistics accumulate in float32 whatever the input dtype (AMP-safe), and a
+    training forward never synchronizes the device with the host.
 
     Args:
         num_features: number of channels ``C``.
@@ -47,7 +136,7 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
         channel_dim: int = -1,
         sync: Optional[bool] = None,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: Optional[float] = 0.1,
     ) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.channel_dim = channel_dim
@@ -56,102 +145,56 @@ class MaskedBatchNorm(torch.nn.BatchNorm1d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, channel_dim={self.channel_dim}"
 
-    def _shape(self, x: torch.Tensor) -> List[int]:
-        """Shape that broadcasts a ``(C,)`` vector along ``channel_dim`` of ``x``."""
-        shape = [1] * x.dim()
-        shape[self.channel_dim] = -1
-        return shape
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Normalize ``x``.
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor], relu: bool = False
+    ) -> torch.Tensor:
+        """Normalize ``x``, then optionally apply ReLU.
 
         Args:
             x: ``(B, T, C)``, ``(B, C, T)`` or ``(B, C, T, F)`` (see ``channel_dim``).
-            mask: bool, True on valid frames, broadcastable to ``x``, e.g.
-                ``(B, T, 1)``, ``(B, 1, T)`` or ``(B, 1, T, 1)``; ``None``: all valid.
+            mask: bool, True on valid frames, broadcastable to ``x`` with size 1 in
+                the channel dim, e.g. ``(B, T, 1)``, ``(B, 1, T)`` or
+                ``(B, 1, T, 1)``; ``None``: all valid.
+            relu: apply ReLU to the output (fused with the normalization).
 
         Returns:
-            Tensor shaped like ``x``.
+            Tensor shaped like ``x``; padded frames are 0 in training.
         """
-        shape = self._shape(x)
+        channel_dim = self.channel_dim % x.dim()
         if not self.training:
+            shape = [1] * x.dim()
+            shape[channel_dim] = -1
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
             shift = self.bias - self.running_mean * scale
-            return x * scale.view(shape) + shift.view(shape)
+            y = torch.addcmul(shift.view(shape), x, scale.view(shape))
+            return y.relu_() if relu else y
 
-        momentum = self.momentum
         self.num_batches_tracked.add_(1)
+        momentum = self.momentum
         if momentum is None:  # cumulative moving average, as torch's BatchNorm
-            momentum = 1.0 / float(self.num_batches_tracked)
+            momentum = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
         sync = self.sync if self.sync is not None else _distributed_world_size() > 1
-        if sync:
-            return self._forward_synced(x, mask, shape, momentum)
-        channel_dim = self.channel_dim % x.dim()
-        if mask is None or bool(mask.all()):
-            if channel_dim == 1:
-                return self._native(x, momentum)
-            return self._native(x.reshape(-1, x.size(-1)), momentum).view_as(x)
-        # gather the valid frames, normalize them with the fused kernel, scatter
-        # back; padded frames are 0
-        xt = x.movedim(channel_dim, -1)  # (..., C) view
-        valid = mask.expand(x.shape).movedim(channel_dim, -1)[..., 0]  # (...)
-        out = torch.zeros_like(xt)
-        out[valid] = self._native(xt[valid], momentum)
-        return out.movedim(-1, channel_dim)
-
-    def _native(self, x: torch.Tensor, momentum: float) -> torch.Tensor:
-        """Training-mode ``torch.batch_norm`` on ``(N, C, ...)``."""
-        if x.numel() // x.size(1) < 2:
-            raise ValueError(
-                "MaskedBatchNorm needs at least 2 valid frames per batch, "
-                f"got {x.numel() // x.size(1)}"
-            )
-        return torch.nn.functional.batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
+        xt = x.movedim(channel_dim, -1)  # (..., C): a view for channels-last memory
+        rows = xt.reshape(-1, xt.size(-1))  # (N, C)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        if mask is None:
+            mask_rows = rows.new_ones(rows.size(0), 1, dtype=acc)
+        else:
+            mask = mask.movedim(channel_dim, -1)
+            mask_rows = mask.expand(*xt.shape[:-1], 1).reshape(-1, 1).to(acc)
+        y = _MaskedBatchNormFunction.apply(
+            rows,
+            mask_rows,
             self.weight,
             self.bias,
-            True,
+            self.running_mean,
+            self.running_var,
             momentum,
             self.eps,
+            relu,
+            sync,
         )
-
-    def _forward_synced(
-        self,
-        x: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        shape: List[int],
-        momentum: float,
-    ) -> torch.Tensor:
-        """Training statistics over the valid frames of every rank."""
-        dims = [d for d in range(x.dim()) if d != self.channel_dim % x.dim()]
-        if mask is None:  # no padding
-            mask = torch.ones([1] * x.dim(), dtype=torch.bool, device=x.device)
-        weight = mask.to(x.dtype)
-        # frames per channel: valid mask entries times the dims the mask broadcasts
-        count = weight.sum() * (
-            x.numel() // (weight.numel() * x.size(self.channel_dim))
-        )
-        count = count.reshape(1)
-        total = (x * weight).sum(dims)
-        count, total = _all_reduce(torch.cat([count, total])).split([1, total.numel()])
-        if float(count) < 2:
-            raise ValueError(
-                "MaskedBatchNorm needs at least 2 valid frames per batch, "
-                f"got {int(count)}"
-            )
-        mean = total / count
-        centered = x - mean.view(shape)
-        var = _all_reduce((centered * centered * weight).sum(dims)) / count
-
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), momentum)
-            self.running_var.lerp_(var.detach() * count / (count - 1), momentum)
-
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        out = centered * scale.view(shape) + self.bias.view(shape)
-        return out.masked_fill(~mask, 0.0)  # padded frames are 0, as in forward()
+        return y.view(xt.shape).movedim(-1, channel_dim)
 
 
 class MaskedLayerNorm(torch.nn.LayerNorm):

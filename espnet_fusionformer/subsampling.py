@@ -63,7 +63,7 @@ class Conv2dSubsampling(Reparameterizable):
             conv = torch.nn.Conv2d(channels, output_size, kernel, stride)
             # channels-last: faster oneDNN kernels, and the BatchNorm gathers rows
             conv.to(memory_format=torch.channels_last)
-            convs.append(LayerBN(conv, batch_norm, sync))
+            convs.append(LayerBN(conv, batch_norm, sync, relu=True))
             freq, channels = (freq - kernel) // stride + 1, output_size
         if freq < 1:
             raise ValueError(
@@ -130,7 +130,7 @@ class Conv2dSubsampling(Reparameterizable):
         for conv, (kernel, stride) in zip(self.convs, self.specs):
             lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
             mask = valid_mask(lengths, (x.size(2) - kernel) // stride + 1)
-            x = torch.relu(conv(x, mask[:, None, :, None]))  # (B, D, T', F')
+            x = conv(x, mask[:, None, :, None])  # (B, D, T', F'), ReLU'd
         b, c, t, f = x.shape
         x = x.transpose(1, 2).reshape(b, t, c * f)  # (B, T', D * F')
         x = self.out(x, mask.unsqueeze(-1))
@@ -155,7 +155,7 @@ class Conv2dSubsampling(Reparameterizable):
         b = h.size(0)
         lengths = self.output_lengths(lengths)
         for conv in self.convs:
-            h = torch.relu_(conv(h, None))
+            h = conv(h, None)
         h = h.permute(0, 2, 3, 1)  # (B, T', F', C)
         x = self.out(h.reshape(b, h.size(1), -1), None)  # scaled by sqrt(D)
         return x, self.positions(x.size(1), x), valid_mask(lengths, x.size(1))

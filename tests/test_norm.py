@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from espnet_fusionformer import norm
 from espnet_fusionformer.norm import MaskedBatchNorm
 
 C, T = 6, 9
@@ -50,12 +51,69 @@ def test_channel_first_layout_matches_channel_last():
     assert torch.allclose(last.running_var, first.running_var)
 
 
-def test_too_few_valid_frames_is_an_error():
+def test_a_single_valid_frame_gives_finite_output_and_statistics():
     bn = MaskedBatchNorm(C)
     mask = torch.zeros(2, T, 1, dtype=torch.bool)
     mask[0, 0] = True
-    with pytest.raises(ValueError, match="at least 2 valid frames"):
-        bn(torch.randn(2, T, C), mask)
+    ys = bn(torch.randn(2, T, C), mask)
+    assert torch.isfinite(ys).all() and torch.isfinite(bn.running_var).all()
+    assert torch.allclose(ys[0, 0], bn.bias.detach(), atol=1e-4)  # x - mean = 0
+    assert not ys[~mask.expand_as(ys)].any()
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradients_match_finite_differences(monkeypatch, relu):
+    monkeypatch.setattr(norm, "_BLOCK", 2 * C)  # several blocks of rows
+    xs, mask, _ = inputs()
+    xs = xs.double().requires_grad_(True)
+    bn = MaskedBatchNorm(C).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+
+    def f(x, weight, bias):
+        params = {"weight": weight, "bias": bias}
+        return torch.func.functional_call(bn, params, (x, mask, relu))
+
+    weight = bn.weight.detach().clone().requires_grad_(True)
+    bias = bn.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (xs, weight, bias))
+
+
+def test_relu_is_fused_after_the_normalization():
+    xs, mask, probe = inputs()
+    plain, fused = MaskedBatchNorm(C), MaskedBatchNorm(C)
+    xa, xb = xs.clone().requires_grad_(True), xs.clone().requires_grad_(True)
+    ya, yb = plain(xa, mask).relu(), fused(xb, mask, relu=True)
+    (ya * probe).sum().backward()
+    (yb * probe).sum().backward()
+    assert torch.allclose(ya, yb, atol=1e-6) and torch.allclose(xa.grad, xb.grad)
+    assert torch.allclose(plain.weight.grad, fused.weight.grad, atol=1e-5)
+    fused.eval()
+    assert (fused(xs, mask, relu=True) >= 0).all()
+
+
+def test_half_precision_counts_do_not_overflow():
+    # 70,000 valid frames: beyond float16's range (65,504) as a count
+    bn = MaskedBatchNorm(C, channel_dim=1, momentum=1.0)
+    xs = (torch.randn(8, C, 125, 80) + 2).half().contiguous(
+        memory_format=torch.channels_last
+    )
+    mask = (torch.arange(125)[None, :] < torch.tensor([125] * 7 + [25])[:, None])
+    ys = bn(xs, mask[:, None, :, None])
+    assert ys.dtype == torch.float16 and torch.isfinite(ys).all()
+    valid = xs.float().permute(0, 2, 3, 1)[mask].reshape(-1, C)
+    assert torch.allclose(bn.running_mean, valid.mean(0), atol=1e-3)
+    assert torch.allclose(bn.running_var, valid.var(0), atol=1e-2)
+
+
+def test_momentum_none_is_a_cumulative_average():
+    xs, mask, _ = inputs()
+    bn = MaskedBatchNorm(C, momentum=None)
+    bn(xs, mask)
+    bn(xs * 3, mask)
+    valid = xs[mask.expand_as(xs)].view(-1, C)
+    assert torch.allclose(bn.running_mean, 2 * valid.mean(0), atol=1e-5)
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
