@@ -21,13 +21,28 @@ from espnet_fusionformer.subsampling import Conv2dSubsampling
 
 # normalization -> structure. "fusion" is the paper's FusionFormer; the others are
 # the LayerNorm Conformer and the two LayerNorm-free attempts the paper reports.
+# "scale_input": ESPnet's sqrt(D) input scale, which only a final LayerNorm cancels.
 NORMALIZATIONS: Dict[str, Dict] = {
-    "fusion": dict(batch_norm=True, pre_norm=None, glu=False, activation="relu"),
-    "layernorm": dict(batch_norm=False, pre_norm="layer", glu=True, activation="swish"),
-    "batchnorm_in_place": dict(
-        batch_norm=False, pre_norm="batch", glu=True, activation="swish"
+    "fusion": dict(
+        batch_norm=True, pre_norm=None, glu=False, activation="relu", scale_input=False
     ),
-    "none": dict(batch_norm=False, pre_norm=None, glu=True, activation="swish"),
+    "layernorm": dict(
+        batch_norm=False,
+        pre_norm="layer",
+        glu=True,
+        activation="swish",
+        scale_input=True,
+    ),
+    "batchnorm_in_place": dict(
+        batch_norm=False,
+        pre_norm="batch",
+        glu=True,
+        activation="swish",
+        scale_input=True,
+    ),
+    "none": dict(
+        batch_norm=False, pre_norm=None, glu=True, activation="swish", scale_input=True
+    ),
 }
 
 # Keys of ESPnet's ConformerEncoder accepted for YAML compatibility: key -> the only
@@ -217,6 +232,7 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
             batch_norm,
             sync,
             max_pos_emb_len,
+            structure["scale_input"],
         )
 
         def block() -> FusionFormerBlock:

@@ -39,6 +39,9 @@ class Conv2dSubsampling(Reparameterizable):
         dropout_rate: dropout of the positional encoding.
         batch_norm: BatchNorm after each conv and after the output projection.
         max_len: initial length of the positional table (it grows as needed).
+        scale_input: multiply the frames by ``sqrt(D)`` as ESPnet's positional
+            encoding does (the Conformer's LayerNorms cancel it; without them it
+            would make the input dominate the residual stream). (Default: ``True``)
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class Conv2dSubsampling(Reparameterizable):
         batch_norm: bool = True,
         sync: Optional[bool] = None,
         max_len: int = 5000,
+        scale_input: bool = True,
     ) -> None:
         super().__init__()
         if input_layer not in SUBSAMPLING:
@@ -73,6 +77,8 @@ class Conv2dSubsampling(Reparameterizable):
         self.conv_in: Optional[torch.nn.Linear] = None  # deploy: first conv
         self.out = linear_bn(output_size * freq, output_size, batch_norm, sync)
         self.pos_enc = RelPositionalEncoding(output_size, dropout_rate, max_len)
+        if not scale_input:
+            self.pos_enc.xscale = 1.0
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Exact frame counts after the convolutions, ``(B,) -> (B,)``."""
@@ -121,8 +127,8 @@ class Conv2dSubsampling(Reparameterizable):
             lengths: ``(B,)`` valid frames per utterance.
 
         Returns:
-            ``(B, T', D)`` frames (scaled by sqrt(D)), ``(1, 2T'-1, D)`` relative
-            position table and ``(B, T')`` bool mask of valid frames.
+            ``(B, T', D)`` frames (times sqrt(D) if ``scale_input``), ``(1, 2T'-1,
+            D)`` relative position table and ``(B, T')`` bool mask of valid frames.
         """
         if self.conv_in is not None:
             return self._forward_deploy(x, lengths)
