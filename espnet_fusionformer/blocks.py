@@ -2,11 +2,11 @@
 
 All modules take ``(B, T, D)`` features and an optional bool ``mask`` of shape
 ``(B, T, 1)`` (True on valid frames; ``None`` when no frame is padded, which the
-deploy form uses to skip masking). ``batch_norm=True`` appends a BatchNorm to every
+fused form uses to skip masking). ``batch_norm=True`` appends a BatchNorm to every
 linear and convolution layer (FusionFormer); ``False`` gives the Conformer's layers.
 
-Each module's ``reparameterize()`` turns it into its deploy form once its
-``LayerBN`` children are folded (``espnet_fusionformer.fuse`` walks children
+Each module's ``fuse_()`` turns it into its fused form once its
+``LayerBN`` children are fused (``espnet_fusionformer.fuse`` walks children
 first): constant scales go into the weights, q/k/v become one matmul and the
 positional projection is cached.
 """
@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from espnet_fusionformer.fusable import LayerBN, Reparameterizable, linear_bn
+from espnet_fusionformer.fusable import Fusable, LayerBN, linear_bn
 from espnet_fusionformer.norm import make_norm
 
 ACTIVATIONS = {"relu": torch.nn.ReLU, "swish": torch.nn.SiLU}
@@ -81,13 +81,13 @@ class FeedForward(torch.nn.Module):
         return self.w_2(h, row_mask).view(x.shape)
 
 
-class RelPositionAttention(Reparameterizable):
+class RelPositionAttention(Fusable):
     """Multi-head self-attention with relative positions (Transformer-XL, as ESPnet's
     ``RelPositionMultiHeadedAttention`` with ``rel_pos_type: latest``).
 
     The query/key/value/output projections carry a BatchNorm when ``batch_norm``;
     the positional projection ``linear_pos`` acts on the sinusoidal table, not on
-    data, and has none. The deploy form folds the BatchNorms and ``1/sqrt(d_k)``
+    data, and has none. The fused form folds the BatchNorms and ``1/sqrt(d_k)``
     into the weights, merges query/key/value into one ``(D, 3D)`` matmul and caches
     the projected position table (it depends only on the length).
     """
@@ -117,7 +117,7 @@ class RelPositionAttention(Reparameterizable):
         torch.nn.init.xavier_uniform_(self.pos_bias_u)
         torch.nn.init.xavier_uniform_(self.pos_bias_v)
         self.dropout = torch.nn.Dropout(dropout_rate)
-        self.pos_cache: Optional[torch.Tensor] = None  # deploy: (1, H, 2L-1, d_k)
+        self.pos_cache: Optional[torch.Tensor] = None  # fused: (1, H, 2L-1, d_k)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, D) -> (B, H, T, d_k)``."""
@@ -208,12 +208,12 @@ class RelPositionAttention(Reparameterizable):
         ctx = ctx.transpose(1, 2).reshape(x.size(0), -1, self.heads * self.d_k)
         return self.linear_out(ctx, mask), new_cache
 
-    def reparameterize(self) -> None:
-        """Deploy form: merged q/k/v, scale in the weights, cached positions."""
+    def fuse_(self) -> None:
+        """Fused form: merged q/k/v, scale in the weights, cached positions."""
         if self.linear_qkv is not None:
             return
         for proj in (self.linear_q, self.linear_k, self.linear_v, self.linear_out):
-            proj.reparameterize()
+            proj.fuse_()
         _scale_(self.linear_q.layer, self.score_scale)
         with torch.no_grad():
             self.pos_bias_u.mul_(self.score_scale)
@@ -307,12 +307,12 @@ class ConvModule(torch.nn.Module):
         return self.pointwise_conv2(x, mask), new_cache
 
 
-class FusionFormerBlock(Reparameterizable):
+class FusionFormerBlock(Fusable):
     """Macaron FFN, self-attention, convolution module, FFN, each with a residual.
 
     ``pre_norm`` puts a norm before each module plus a final one, as the Conformer
     does (``"layer"``), BatchNorm in those places (``"batch"``), or none (``None``).
-    The deploy form folds the macaron ``0.5`` into the FFN output weights.
+    The fused form folds the macaron ``0.5`` into the FFN output weights.
     """
 
     def __init__(
@@ -381,12 +381,12 @@ class FusionFormerBlock(Reparameterizable):
             x = self.norm_final(x, mask)
         return x, att_cache, cnn_cache
 
-    def reparameterize(self) -> None:
-        """Deploy form: the FFN scale goes into the FFN output projections."""
+    def fuse_(self) -> None:
+        """Fused form: the FFN scale goes into the FFN output projections."""
         if self.ff_scale == 1.0:
             return
         for ffn in (self.feed_forward, self.feed_forward_macaron):
-            if ffn is not None:  # w_2 is folded already: a plain linear output
-                ffn.w_2.reparameterize()
+            if ffn is not None:  # w_2 is fused already: a plain linear output
+                ffn.w_2.fuse_()
                 _scale_(ffn.w_2.layer, self.ff_scale)
         self.ff_scale = 1.0

@@ -14,7 +14,7 @@ from espnet_fusionformer.blocks import (
     RelPositionAttention,
     exporting,
 )
-from espnet_fusionformer.fusable import Reparameterizable
+from espnet_fusionformer.fusable import Fusable
 from espnet_fusionformer.norm import make_norm
 from espnet_fusionformer.streaming import chunk_mask, sample_chunk
 from espnet_fusionformer.subsampling import Conv2dSubsampling
@@ -73,7 +73,7 @@ def _check_conformer_keys(values: Dict) -> None:
             )
 
 
-class FusionFormerEncoder(AbsEncoder, Reparameterizable):
+class FusionFormerEncoder(AbsEncoder, Fusable):
     r"""FusionFormer encoder (Song et al., arXiv 2210.17079).
 
     A Conformer without LayerNorm: a BatchNorm follows every linear and convolution
@@ -104,7 +104,7 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
             which uses ``activation``). (Default: ``None``)
         sync_batchnorm: reduce BatchNorm statistics across ``torch.distributed``
             ranks; ``None``: whenever the world size is > 1. (Default: ``None``)
-        fuse_for_inference: in eval mode, run a folded copy of the encoder (built
+        fuse_for_inference: in eval mode, run a fused copy of the encoder (built
             once per switch to eval). (Default: ``True``)
         causal: causal convolution module (needed for streaming). (Default: ``False``)
         chunk_size: attention chunk in output frames; ``0``: full context. Used in
@@ -275,15 +275,15 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
 
         self.encoders = torch.nn.ModuleList([block() for _ in range(num_blocks)])
         self.after_norm = make_norm(pre_norm, output_size, sync)
-        self._deploy = None  # folded copy, not a submodule (see deployed())
+        self._fused_copy = None  # not a submodule (see fused_copy())
         self.register_load_state_dict_post_hook(lambda module, keys: module._drop())
 
     def output_size(self) -> int:
         return self._output_size
 
-    # -- the folded copy used for inference --------------------------------------
+    # -- the fused copy used for inference --------------------------------------
     def _drop(self) -> None:
-        self.__dict__["_deploy"] = None
+        self.__dict__["_fused_copy"] = None
 
     def train(self, mode: bool = True) -> "FusionFormerEncoder":
         self._drop()
@@ -293,19 +293,19 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
         self._drop()
         return super()._apply(fn, recurse)
 
-    def deployed(self) -> "FusionFormerEncoder":
-        """The folded copy of this (eval-mode) encoder, built on first use; it
+    def fused_copy(self) -> "FusionFormerEncoder":
+        """The fused copy of this (eval-mode) encoder, built on first use; it
         follows this encoder's chunk settings, which may change between calls."""
-        deploy = self.__dict__.get("_deploy")
-        if deploy is None:
+        fused = self.__dict__.get("_fused_copy")
+        if fused is None:
             from espnet_fusionformer.fusion import fuse
 
-            deploy = self.__dict__["_deploy"] = fuse(self)
-        deploy.chunk_size, deploy.left_chunks = self.chunk_size, self.left_chunks
-        return deploy
+            fused = self.__dict__["_fused_copy"] = fuse(self)
+        fused.chunk_size, fused.left_chunks = self.chunk_size, self.left_chunks
+        return fused
 
-    def reparameterize(self) -> None:
-        """Mark this encoder as deploy form (``fuse()`` folds the layers)."""
+    def fuse_(self) -> None:
+        """Mark this encoder as fused form (``fuse()`` folds the layers)."""
         self.fused = True
         self._drop()
 
@@ -352,7 +352,7 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
             ``(B, T', D)`` encoded frames, ``(B,)`` output lengths, ``None``.
         """
         if not self.training and self.fuse_for_inference and not self.fused:
-            return self.deployed().forward(xs_pad, ilens)  # checks the input itself
+            return self.fused_copy().forward(xs_pad, ilens)  # checks the input itself
         self.check_input(xs_pad, ilens)
         xs, olens = self.encode(xs_pad, ilens)
         return xs, olens, None
@@ -411,7 +411,7 @@ class FusionFormerEncoder(AbsEncoder, Reparameterizable):
         if self.training:
             raise RuntimeError("forward_chunk is for inference: call encoder.eval()")
         if self.fuse_for_inference and not self.fused:  # the copy checks the chunk
-            return self.deployed().forward_chunk(
+            return self.fused_copy().forward_chunk(
                 xs, offset, required_cache_size, att_cache, cnn_cache
             )
         self._check_chunk(xs, offset, required_cache_size, att_cache, cnn_cache)

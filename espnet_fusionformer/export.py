@@ -1,4 +1,4 @@
-"""Export a FusionFormer encoder (deploy form) to TorchScript or ONNX.
+"""Export a FusionFormer encoder (fused form) to TorchScript or ONNX.
 
 The exported graph is a wrapper with the signature::
 
@@ -7,8 +7,8 @@ The exported graph is a wrapper with the signature::
 
 with dynamic batch and time axes. It is the encoder only: features must already be
 the ASR model's frontend + normalize output (e.g. 80-dim fbank after global MVN).
-The encoder is fused (BatchNorm folded, q/k/v merged) before tracing, and every
-export is checked against PyTorch on inputs of other lengths and batch sizes than
+The encoder is fused (BatchNorm in the weights, q/k/v merged) before tracing, and
+every export is checked against PyTorch on inputs of other lengths and batch sizes than
 the traced example, so a shape or branch frozen by tracing fails loudly here.
 The relative-position table is traced as a constant of the encoder's current length
 (``max_pos_emb_len``, 5000 subsampled frames by default, i.e. 200 s of 10 ms frames
@@ -96,8 +96,8 @@ class EncoderWrapper(torch.nn.Module):
 
 
 # -- preparing the encoder ---------------------------------------------------------
-def deploy_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
-    """The deploy form of ``encoder`` (fused copy unless already fused).
+def fused_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
+    """The fused form of ``encoder`` (fused copy unless already fused).
 
     Raises:
         TypeError: if ``encoder`` is not a ``FusionFormerEncoder``.
@@ -220,8 +220,8 @@ def export_torchscript(encoder: torch.nn.Module, path, verify: bool = True) -> P
         ``path`` as a ``Path``. Load with ``torch.jit.load(path)``; call it as
         ``encoded, encoded_lengths = module(feats, feats_lengths)``.
     """
-    deployed = deploy_encoder(encoder)
-    wrapper = EncoderWrapper(deployed).eval()
+    fused = fused_encoder(encoder)
+    wrapper = EncoderWrapper(fused).eval()
     traced = trace_module(wrapper)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,8 +346,8 @@ def export_onnx(
         ``path`` as a ``Path``; inputs ``feats`` (float32 ``(B, T, F)``),
         ``feats_lengths`` (int64 ``(B,)``); outputs ``encoded``, ``encoded_lengths``.
     """
-    deployed = deploy_encoder(encoder)
-    wrapper = EncoderWrapper(deployed).eval()
+    fused = fused_encoder(encoder)
+    wrapper = EncoderWrapper(fused).eval()
     path = Path(path)
     method = onnx_export_module(wrapper, path, opset)
     if method != "legacy":
@@ -395,7 +395,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusionformer-export",
         description="Export the FusionFormer encoder of an ESPnet ASR model "
-        "(fused deploy form) to ONNX and/or TorchScript.",
+        "(fused fused form) to ONNX and/or TorchScript.",
     )
     parser.add_argument("--asr_train_config", required=True, help="config.yaml")
     parser.add_argument("--asr_model_file", required=True, help="model .pth")

@@ -2,8 +2,8 @@
 
 ``LayerBN`` is FusionFormer's unit: in training form it is ``layer -> MaskedBatchNorm``
 with a plain state_dict (``layer.weight``, ``bn.running_mean``, ...); its
-``reparameterize()`` folds the BatchNorm into the layer with ``torch.nn.utils.fusion``
-and deletes it (the deploy form). Without ``batch_norm`` it is just the layer, so the
+``fuse_()`` folds the BatchNorm into the layer with ``torch.nn.utils.fusion``
+and deletes it (the fused form). Without ``batch_norm`` it is just the layer, so the
 reference Conformer and the ablations share the same code path.
 """
 
@@ -17,10 +17,10 @@ from espnet_fusionformer.norm import MaskedBatchNorm
 Layer = Union[torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d]
 
 
-class Reparameterizable(torch.nn.Module):
-    """A module with a deploy form. ``reparameterize()`` must be idempotent."""
+class Fusable(torch.nn.Module):
+    """A module with a fused form. ``fuse_()`` must be idempotent."""
 
-    def reparameterize(self) -> None:
+    def fuse_(self) -> None:
         raise NotImplementedError
 
 
@@ -33,7 +33,7 @@ def check_eval(module: torch.nn.Module) -> None:
         )
 
 
-class LayerBN(Reparameterizable):
+class LayerBN(Fusable):
     """``layer`` then an optional ``MaskedBatchNorm`` over its output channels, then
     an optional ReLU (fused with the BatchNorm in training).
 
@@ -75,14 +75,14 @@ class LayerBN(Reparameterizable):
         if self.bn is not None:
             return self.bn(self.layer(x), mask, self.relu)
         if isinstance(self.layer, torch.nn.Linear):
-            # skip the module call: the hottest path of the deploy form
+            # skip the module call: the hottest path of the fused form
             x = torch.nn.functional.linear(x, self.layer.weight, self.layer.bias)
         else:
             x = self.layer(x)
         return x.relu_() if self.relu else x
 
-    def reparameterize(self) -> None:
-        """Fold the BatchNorm into ``layer`` and drop it (no-op once folded)."""
+    def fuse_(self) -> None:
+        """Fold the BatchNorm into ``layer`` and drop it (no-op once fused)."""
         if self.bn is None:
             return
         check_eval(self)

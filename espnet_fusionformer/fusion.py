@@ -1,10 +1,10 @@
-"""``fuse()``: the deploy form of a FusionFormer encoder or of a whole ESPnet model."""
+"""``fuse()``: the fused form of a FusionFormer encoder or of a whole ESPnet model."""
 
 import copy
 
 import torch
 
-from espnet_fusionformer.fusable import Reparameterizable, check_eval
+from espnet_fusionformer.fusable import Fusable, check_eval
 
 
 def fuse(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
@@ -19,7 +19,7 @@ def fuse(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
         inplace: fold ``module`` itself instead of a deep copy. (Default: ``False``)
 
     Returns:
-        The deploy-form model: same outputs (eval mode), no BatchNorm in the
+        The fused model: same outputs (eval mode), no BatchNorm in the
         FusionFormer layers, q/k/v merged into one matmul.
 
     Raises:
@@ -27,8 +27,8 @@ def fuse(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     """
     check_eval(module)
     model = module if inplace else copy.deepcopy(module)
-    # children before parents, so a parent sees its folded children
+    # children before parents, so a parent sees its fused children
     for m in reversed(list(model.modules())):
-        if isinstance(m, Reparameterizable):
-            m.reparameterize()
+        if isinstance(m, Fusable):
+            m.fuse_()
     return model

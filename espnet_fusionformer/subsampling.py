@@ -14,7 +14,7 @@ from espnet.nets.pytorch_backend.transformer.embedding import RelPositionalEncod
 from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError
 
 from espnet_fusionformer.blocks import exporting
-from espnet_fusionformer.fusable import LayerBN, Reparameterizable, linear_bn
+from espnet_fusionformer.fusable import Fusable, LayerBN, linear_bn
 
 # input_layer -> (kernel, stride) of each Conv2d, as ESPnet's Conv2dSubsampling{,6,8}
 SUBSAMPLING = {
@@ -29,7 +29,7 @@ def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
 
 
-class Conv2dSubsampling(Reparameterizable):
+class Conv2dSubsampling(Fusable):
     """``(B, T, F)`` features -> ``(B, T', D)`` frames plus relative position table.
 
     Args:
@@ -74,7 +74,7 @@ class Conv2dSubsampling(Reparameterizable):
                 f"input_size {input_size} is too small for input_layer {input_layer!r}"
             )
         self.convs = torch.nn.ModuleList(convs)
-        self.conv_in: Optional[torch.nn.Linear] = None  # deploy: first conv
+        self.conv_in: Optional[torch.nn.Linear] = None  # fused: first conv
         self.out = linear_bn(output_size * freq, output_size, batch_norm, sync)
         self.pos_enc = RelPositionalEncoding(output_size, dropout_rate, max_len)
         if not scale_input:
@@ -131,7 +131,7 @@ class Conv2dSubsampling(Reparameterizable):
             D)`` relative position table and ``(B, T')`` bool mask of valid frames.
         """
         if self.conv_in is not None:
-            return self._forward_deploy(x, lengths)
+            return self._forward_fused(x, lengths)
         x = x.unsqueeze(1)  # (B, 1, T, F)
         for conv, (kernel, stride) in zip(self.convs, self.specs):
             lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
@@ -143,10 +143,10 @@ class Conv2dSubsampling(Reparameterizable):
         x, pos_emb = self.pos_enc(x)
         return x, pos_emb, mask
 
-    def _forward_deploy(
+    def _forward_fused(
         self, x: torch.Tensor, lengths: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Deploy form of ``forward``: channels-last convolutions, no transposes."""
+        """Fused form of ``forward``: channels-last convolutions, no transposes."""
         kernel, stride = self.specs[0]
         if exporting():  # ONNX has no dynamic unfold; a Conv2d exports (and fuses)
             weight = self.conv_in.weight.view(-1, 1, kernel, kernel)
@@ -166,14 +166,14 @@ class Conv2dSubsampling(Reparameterizable):
         x = self.out(h.reshape(b, h.size(1), -1), None)  # scaled by sqrt(D)
         return x, self.positions(x.size(1), x), valid_mask(lengths, x.size(1))
 
-    def reparameterize(self) -> None:
-        """Deploy form: the first conv as a matmul over patches, the others
+    def fuse_(self) -> None:
+        """Fused form: the first conv as a matmul over patches, the others
         channels-last, the output projection reading ``(F', C)`` order and
         including the ``sqrt(D)`` scale of the positional encoding."""
         if self.conv_in is not None:
             return
         for module in (*self.convs, self.out):
-            module.reparameterize()
+            module.fuse_()
         first = self.convs[0].layer
         conv_in = torch.nn.Linear(
             first.weight[0].numel(), first.out_channels, device=first.weight.device

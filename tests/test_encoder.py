@@ -67,24 +67,24 @@ def test_eval_forward_uses_folded_copy_and_refreshes_it():
     encoder = warm_up(make_encoder())
     encoder.fuse_for_inference = True
     first = outputs(encoder, [60])[0]
-    deployed = encoder.deployed()
-    assert count(deployed, NORMS) == 0
-    assert encoder.deployed() is deployed  # built once per eval phase
+    fused = encoder.fused_copy()
+    assert count(fused, NORMS) == 0
+    assert encoder.fused_copy() is fused  # built once per eval phase
     encoder.fuse_for_inference = False
     assert (outputs(encoder, [60])[0] - first).abs().max() < 1e-4
-    # a training step, then eval again: the folded copy must follow the new weights
+    # a training step, then eval again: the fused copy must follow the new weights
     encoder.fuse_for_inference = True
     encoder.train()
     with torch.no_grad():
         encoder.encoders[0].feed_forward.w_2.layer.weight.mul_(3)
     encoder.eval()
-    assert encoder.deployed() is not deployed
+    assert encoder.fused_copy() is not fused
     assert (outputs(encoder, [60])[0] - first).abs().max() > 1e-3
     # load_state_dict in eval mode drops the copy as well
     state = {k: v.clone() for k, v in make_encoder().state_dict().items()}
-    stale = encoder.deployed()
+    stale = encoder.fused_copy()
     encoder.load_state_dict(state)
-    assert encoder.deployed() is not stale
+    assert encoder.fused_copy() is not stale
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])

@@ -152,7 +152,7 @@ def test_speech2text_decodes_fused_and_unfused_identically(trained, tiny_data):
     assert isinstance(encoder, FusionFormerEncoder) and encoder.fuse_for_inference
     wavs = sorted(tiny_data.glob("*.wav"))[:3]
     fused = _decode(speech2text, wavs)
-    assert sum(isinstance(m, NORMS) for m in encoder.deployed().modules()) == 0
+    assert sum(isinstance(m, NORMS) for m in encoder.fused_copy().modules()) == 0
     encoder.fuse_for_inference = False
     assert _decode(speech2text, wavs) == fused
     assert all(isinstance(text, str) for text in fused)

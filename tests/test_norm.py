@@ -96,10 +96,12 @@ def test_relu_is_fused_after_the_normalization():
 def test_half_precision_counts_do_not_overflow():
     # 70,000 valid frames: beyond float16's range (65,504) as a count
     bn = MaskedBatchNorm(C, channel_dim=1, momentum=1.0)
-    xs = (torch.randn(8, C, 125, 80) + 2).half().contiguous(
-        memory_format=torch.channels_last
+    xs = (
+        (torch.randn(8, C, 125, 80) + 2)
+        .half()
+        .contiguous(memory_format=torch.channels_last)
     )
-    mask = (torch.arange(125)[None, :] < torch.tensor([125] * 7 + [25])[:, None])
+    mask = torch.arange(125)[None, :] < torch.tensor([125] * 7 + [25])[:, None]
     ys = bn(xs, mask[:, None, :, None])
     assert ys.dtype == torch.float16 and torch.isfinite(ys).all()
     valid = xs.float().permute(0, 2, 3, 1)[mask].reshape(-1, C)

@@ -101,7 +101,7 @@ def full_forward(model, speech, chunk_size, left_chunks):
     encoder = model.encoder
     saved = encoder.chunk_size, encoder.left_chunks
     encoder.chunk_size, encoder.left_chunks = chunk_size, left_chunks
-    encoder.eval()  # rebuild the folded copy with this chunk
+    encoder.eval()  # rebuild the fused copy with this chunk
     try:
         with torch.no_grad():
             x = torch.from_numpy(speech)[None]

@@ -108,7 +108,7 @@ def test_bad_streaming_input_is_rejected():
         encoder.train().forward_chunk(xs[:, :19], 0, -1, empty, empty)
 
 
-def test_folded_copy_follows_chunk_settings_changed_in_eval():
+def test_fused_copy_follows_chunk_settings_changed_in_eval():
     encoder = warm_up(make_encoder(causal=True))  # fuse_for_inference: True
     xs, ilens = batch([120], seed=7)
     with torch.no_grad():
