@@ -20,6 +20,8 @@ TINY = dict(
     num_blocks=2,
     cnn_module_kernel=7,
     dropout_rate=0.1,
+    macaron_style=True,
+    rel_pos_type="latest",
 )
 FEATS = 20
 

@@ -178,8 +178,9 @@ def test_conformer_encoder_conf_is_accepted():
         input_layer="conv2d",
     )
     assert encoder.activation == "relu"  # FusionFormer replaces Swish
-    reference = make_encoder(normalization="layernorm", activation_type="swish")
-    assert reference.activation == "swish"
+    reference = make_encoder(normalization="layernorm", activation_type="tanh")
+    assert reference.activation == "tanh"
+    assert isinstance(reference.encoders[0].conv_module.activation, torch.nn.Tanh)
 
 
 @pytest.mark.parametrize(
@@ -187,12 +188,41 @@ def test_conformer_encoder_conf_is_accepted():
     [
         ({"normalization": "groupnorm"}, "unknown normalization 'groupnorm'"),
         ({"activation": "gelu"}, "unknown activation 'gelu'"),
-        ({"input_layer": "linear"}, "unknown input_layer 'linear'"),
+        ({"activation_type": "gelu"}, "unknown activation_type 'gelu'"),
+        ({"input_layer": "fff"}, "unknown input_layer 'fff'"),
+        ({"input_layer": None}, "input_layer None needs input_size"),
         ({"cnn_module_kernel": 8}, "must be odd"),
         ({"attention_heads": 5}, "not divisible"),
-        ({"normalize_before": False}, "normalize_before=False"),
-        ({"rel_pos_type": "legacy"}, "rel_pos_type='legacy'"),
-        ({"selfattention_layer_type": "selfattn"}, "selfattention_layer_type"),
+        ({"rel_pos_type": "dummy"}, "unknown rel_pos_type 'dummy'"),
+        ({"pos_enc_layer_type": "dummy"}, "unknown pos_enc_layer_type 'dummy'"),
+        (
+            {"pos_enc_layer_type": "abc_pos", "selfattention_layer_type": "dummy"},
+            "unknown pos_enc_layer_type",
+        ),
+        ({"selfattention_layer_type": "dummy"}, "unknown selfattention_layer_type"),
+        ({"selfattention_layer_type": "selfattn"}, "does not go with"),
+        ({"pos_enc_layer_type": "abs_pos"}, "does not go with"),
+        (
+            {
+                "pos_enc_layer_type": "legacy_rel_pos",
+                "selfattention_layer_type": "legacy_rel_selfattn",
+            },
+            "rel_pos_type 'latest' does not go with",
+        ),
+        ({"positionwise_layer_type": "conv2d"}, "unknown positionwise_layer_type"),
+        ({"stochastic_depth_rate": [0.1]}, "stochastic_depth_rate has 1 values"),
+        ({"stochastic_depth_rate": [0.1] * 3}, "stochastic_depth_rate has 3"),
+        ({"interctc_layer_idx": [0, 1]}, r"interctc_layer_idx \[0, 1\] must lie"),
+        ({"interctc_layer_idx": [1, 2]}, "interctc_layer_idx"),
+        (
+            {
+                "pos_enc_layer_type": "conv",
+                "output_size": 24,
+                "rel_pos_type": "legacy",
+                "selfattention_layer_type": "selfattn",
+            },
+            "do not split into 16 groups",
+        ),
     ],
 )
 def test_bad_options_are_rejected(conf, message):
