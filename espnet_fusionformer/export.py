@@ -407,8 +407,8 @@ def describe(encoder: torch.nn.Module) -> Dict:
             output_length="for each conv: (L - kernel) // stride + 1",
         )
     pos_enc = getattr(embed, "pos_enc", None)
-    if hasattr(pos_enc, "max_length"):  # the table is traced as a constant
-        info["max_output_frames"] = pos_enc.max_length()
+    if getattr(pos_enc, "max_length", lambda: None)() is not None:
+        info["max_output_frames"] = pos_enc.max_length()  # a constant when traced
     for key in ("normalization", "activation"):
         if hasattr(encoder, key):
             info[key] = getattr(encoder, key)

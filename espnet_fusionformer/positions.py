@@ -46,6 +46,7 @@ class RelPositions(RelPositionalEncoding):
         return pe[:, pe.size(1) // 2 - length + 1 : pe.size(1) // 2 + length]
 
     def max_length(self) -> int:
+        """Frames the current table covers (it grows when needed)."""
         return (self.pe.size(1) + 1) // 2
 
     def forward(
@@ -77,6 +78,7 @@ class AbsPositions(PositionalEncoding):
         return self.pe[:, offset : offset + x.size(1)]
 
     def max_length(self) -> int:
+        """Frames the current table covers (it grows when needed)."""
         return self.pe.size(1)
 
     def forward(
@@ -132,8 +134,8 @@ class ConvPositions(torch.nn.Module):
             torch.nn.init.normal_(self.conv.conv.layer.weight, mean=0, std=std)
             torch.nn.init.zeros_(self.conv.conv.layer.bias)
 
-    def max_length(self) -> int:
-        return 1 << 62
+    def max_length(self) -> None:
+        return None  # no table
 
     def forward(
         self, x: torch.Tensor, mask: Optional[torch.Tensor], offset: int = 0
