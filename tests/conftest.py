@@ -1,13 +1,16 @@
 """Shared fixtures: tiny encoders, warmed-up BatchNorms, a tiny ESPnet data dir."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import pytest
+import soundfile
 import torch
+import yaml
 
 from espnet_fusionformer import FusionFormerEncoder
 
@@ -123,3 +126,50 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def python() -> str:
     return sys.executable
+
+
+def espnet(*args, cwd: Path, launcher=()) -> subprocess.CompletedProcess:
+    """Run an unchanged ESPnet entry point (``-m module args``) in a fresh
+    interpreter, optionally under a launcher such as ``torchrun``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    tests = str(Path(__file__).parent)  # for tests/_capture_model.py
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+    command = list(launcher) if launcher else [python()]
+    proc = subprocess.run(
+        [*command, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def asr_train_args(exp: Path, data: Path, output_dir: Path, **config) -> List[str]:
+    """``asr_train`` arguments for two epochs on the tiny data dir ``data``; the
+    config (``exp/train.yaml``) takes ``config`` overrides."""
+    config = dict(
+        asr_config(),
+        max_epoch=2,
+        batch_type="unsorted",
+        batch_size=4,
+        num_workers=0,
+        num_att_plot=0,
+        seed=0,
+        keep_nbest_models=2,
+        best_model_criterion=[["valid", "loss", "min"]],
+        **config,
+    )
+    (exp / "train.yaml").write_text(yaml.safe_dump(config))
+    shapes = []
+    for line in (data / "wav.scp").read_text().splitlines():
+        utt, path = line.split()
+        shapes.append(f"{utt} {soundfile.info(path).frames}")
+    (exp / "speech_shape").write_text("\n".join(shapes) + "\n")
+    args = ["--config", str(exp / "train.yaml"), "--ngpu", "0"]
+    args += ["--output_dir", str(output_dir), "--use_preprocessor", "true"]
+    for split in ("train", "valid"):
+        args += [f"--{split}_shape_file", str(exp / "speech_shape")]
+        args += [
+            f"--{split}_data_path_and_name_and_type",
+            f"{data / 'wav.scp'},speech,sound",
+        ]
+        args += [f"--{split}_data_path_and_name_and_type", f"{data / 'text'},text,text"]
+    return args
