@@ -145,8 +145,7 @@ def espnet(*args, cwd: Path, launcher=()) -> subprocess.CompletedProcess:
 def asr_train_args(exp: Path, data: Path, output_dir: Path, **config) -> List[str]:
     """``asr_train`` arguments for two epochs on the tiny data dir ``data``; the
     config (``exp/train.yaml``) takes ``config`` overrides."""
-    config = dict(
-        asr_config(),
+    defaults = dict(
         max_epoch=2,
         batch_type="unsorted",
         batch_size=4,
@@ -155,8 +154,8 @@ def asr_train_args(exp: Path, data: Path, output_dir: Path, **config) -> List[st
         seed=0,
         keep_nbest_models=2,
         best_model_criterion=[["valid", "loss", "min"]],
-        **config,
     )
+    config = {**asr_config(), **defaults, **config}
     (exp / "train.yaml").write_text(yaml.safe_dump(config))
     shapes = []
     for line in (data / "wav.scp").read_text().splitlines():
