@@ -32,8 +32,15 @@ def make_encoder(**conf) -> FusionFormerEncoder:
     return FusionFormerEncoder(FEATS, **{**TINY, **conf})
 
 
-def warm_up(encoder: torch.nn.Module, steps: int = 4) -> torch.nn.Module:
-    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+def warm_up(
+    encoder: torch.nn.Module, steps: int = 4, dropout: bool = True
+) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics.
+
+    ``dropout=False`` warms up without dropout, so the statistics depend on no
+    global random numbers: the same on every torch version (dropout masks of one
+    seed differ between torch releases).
+    """
     gen = torch.Generator().manual_seed(1)
     for m in encoder.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -42,6 +49,10 @@ def warm_up(encoder: torch.nn.Module, steps: int = 4) -> torch.nn.Module:
                 m.bias.uniform_(-0.5, 0.5, generator=gen)
             m.momentum = 0.5
     encoder.train()
+    if not dropout:
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
     with torch.no_grad():
         for _ in range(steps):
             xs = 3 * torch.randn(3, 90, FEATS, generator=gen) + 1
