@@ -1,5 +1,6 @@
 """``FusionFormerEncoder``: ESPnet's ``encoder: fusionformer``."""
 
+import itertools
 import logging
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -53,6 +54,23 @@ REL_POS_TYPES: Dict[str, Dict[str, str]] = {
     "latest": {},
     "legacy": {"rel_pos": "legacy_rel_pos", "rel_selfattn": "legacy_rel_selfattn"},
 }
+
+
+# Bumped whenever any module registers or replaces a parameter, buffer or submodule,
+# so that a cached list of an encoder's tensors is refreshed (see _state_key).
+_REGISTRATIONS = [0]
+
+
+def _registered(*args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+for _register in (
+    torch.nn.modules.module.register_module_parameter_registration_hook,
+    torch.nn.modules.module.register_module_buffer_registration_hook,
+    torch.nn.modules.module.register_module_module_registration_hook,
+):
+    _register(_registered)
 
 
 def relative_position_types(
@@ -391,8 +409,7 @@ class FusionFormerEncoder(AbsEncoder, Fusable):
 
         self.encoders = torch.nn.ModuleList([block(p) for p in depth_rates])
         self.after_norm = make_norm(pre_norm, output_size, sync)
-        self._fused_copy = None  # not a submodule (see fused_copy())
-        self.register_load_state_dict_post_hook(lambda module, keys: module._drop())
+        self._fused_copy = None  # (state key, fused copy); a cache, see fused_copy()
 
     @staticmethod
     def _log_replaced_options(
@@ -428,33 +445,62 @@ class FusionFormerEncoder(AbsEncoder, Fusable):
     def output_size(self) -> int:
         return self._output_size
 
-    # -- the fused copy used for inference --------------------------------------
-    def _drop(self) -> None:
-        self.__dict__["_fused_copy"] = None
+    # -- the fused copy: a cache of fuse(self) for inference ----------------------
+    def _state_key(self) -> Tuple:
+        """Changes whenever a parameter or buffer is replaced or changed in place.
 
-    def train(self, mode: bool = True) -> "FusionFormerEncoder":
-        self._drop()
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        self._drop()
-        return super()._apply(fn, recurse)
+        The list of tensors is walked again only after some module registered or
+        replaced a parameter, buffer or submodule (a walk costs ~10 ms at 12 x 256).
+        """
+        tensors = self.__dict__.get("_tensors")
+        if tensors is None or tensors[0] != _REGISTRATIONS[0]:
+            walk = list(itertools.chain(self.parameters(), self.buffers()))
+            tensors = self.__dict__["_tensors"] = (_REGISTRATIONS[0], walk)
+        return tuple((id(t), t._version, t.data_ptr()) for t in tensors[1])
 
     def fused_copy(self) -> "FusionFormerEncoder":
-        """The fused copy of this (eval-mode) encoder, built on first use; it
-        follows this encoder's chunk settings, which may change between calls."""
-        fused = self.__dict__.get("_fused_copy")
-        if fused is None:
+        """``fuse(self)``, rebuilt whenever a parameter or buffer has changed since
+        the last call; it follows this encoder's chunk settings. The copy is a
+        cache: not a submodule, not in the state_dict, not pickled or deep-copied.
+        """
+        key = self._state_key()
+        cached = self.__dict__.get("_fused_copy")
+        if cached is None or cached[0] != key:
             from espnet_fusionformer.fusion import fuse
 
-            fused = self.__dict__["_fused_copy"] = fuse(self)
+            with torch.no_grad():
+                fused = fuse(self).requires_grad_(False)  # used only without grad
+            cached = self.__dict__["_fused_copy"] = (key, fused)
+        fused = cached[1]
         fused.chunk_size, fused.left_chunks = self.chunk_size, self.left_chunks
         return fused
 
+    def _use_fused_copy(self) -> bool:
+        """Eval mode, no gradient needed, and not fused already."""
+        return (
+            not self.training
+            and self.fuse_for_inference
+            and not self.fused
+            and not torch.is_grad_enabled()
+        )
+
+    def train(self, mode: bool = True) -> "FusionFormerEncoder":
+        self.__dict__["_fused_copy"] = None  # free the memory while training
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        _REGISTRATIONS[0] += 1  # .to(), .half(): parameters may be new tensors
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> Dict:
+        state = dict(super().__getstate__())
+        state["_fused_copy"] = state["_tensors"] = None
+        return state
+
     def fuse_(self) -> None:
-        """Mark this encoder as fused form (``fuse()`` folds the layers)."""
+        """Mark this encoder as fused (``fuse()`` fuses its layers)."""
         self.fused = True
-        self._drop()
+        self.__dict__["_fused_copy"] = None
 
     # -- forward ---------------------------------------------------------------
     def _check_features(self, xs_pad: torch.Tensor) -> None:
@@ -479,20 +525,34 @@ class FusionFormerEncoder(AbsEncoder, Fusable):
             )
 
     def check_input(self, xs_pad: torch.Tensor, ilens: torch.Tensor) -> None:
-        """Raise ``ValueError``/``TooShortUttError`` for input the model can't take."""
+        """Raise ``ValueError``/``TooShortUttError`` for input the model can't take.
+
+        In training, values are not read on the host (that would stall a GPU once
+        per batch): lengths are asserted on the device, and non-finite features
+        are left to ESPnet's trainer, which skips a step whose loss is not finite.
+        """
         self._check_features(xs_pad)
         if ilens.dim() != 1 or ilens.size(0) != xs_pad.size(0):
             raise ValueError(
                 f"ilens must have shape ({xs_pad.size(0)},), got {tuple(ilens.shape)}"
             )
-        if int(ilens.max()) > xs_pad.size(1):
+        if self.training:
+            self.embed.check_length(xs_pad.size(1))  # as ESPnet: the padded length
+            torch._assert_async(
+                ((ilens > 0) & (ilens <= xs_pad.size(1))).all(),
+                f"fusionformer: every length must be in 1..{xs_pad.size(1)} "
+                "(the padded time axis)",
+            )
+            return
+        shortest, longest = int(ilens.min()), int(ilens.max())
+        if shortest < 1 or longest > xs_pad.size(1):
             raise ValueError(
-                f"a length ({int(ilens.max())}) exceeds the padded time axis "
-                f"({xs_pad.size(1)} frames)"
+                f"lengths must be in 1..{xs_pad.size(1)} (the padded time axis), "
+                f"got {ilens.tolist()}"
             )
         if not bool(torch.isfinite(xs_pad).all()):
             raise ValueError("features contain NaN or Inf")
-        self.embed.check_lengths(ilens)
+        self.embed.check_length(shortest)
 
     def forward(
         self,
@@ -515,7 +575,7 @@ class FusionFormerEncoder(AbsEncoder, Fusable):
             ``interctc_layer_idx``, the first item is ``(xs, intermediate_outs)``
             with ``intermediate_outs`` a list of ``(block_idx, (B, T', D))``.
         """
-        if not self.training and self.fuse_for_inference and not self.fused:
+        if self._use_fused_copy():
             return self.fused_copy().forward(xs_pad, ilens, ctc=ctc)  # checks input
         self.check_input(xs_pad, ilens)
         xs, olens, intermediate_outs = self._encode(xs_pad, ilens, ctc)
@@ -638,7 +698,7 @@ class FusionFormerEncoder(AbsEncoder, Fusable):
         """
         if self.training:
             raise RuntimeError("forward_chunk is for inference: call encoder.eval()")
-        if self.fuse_for_inference and not self.fused:  # the copy checks the chunk
+        if self._use_fused_copy():  # the copy checks the chunk
             return self.fused_copy().forward_chunk(
                 xs, offset, required_cache_size, att_cache, cnn_cache, ctc
             )

@@ -72,8 +72,8 @@ class InputLayer(Fusable):
             length = (length - 1) * stride + kernel
         return length
 
-    def check_lengths(self, lengths: torch.Tensor) -> None:
-        shortest = int(lengths.min())
+    def check_length(self, shortest: int) -> None:
+        """Raise ``TooShortUttError`` if ``shortest`` input frames give no output."""
         limit = self.min_input_length()
         if shortest < limit:
             raise TooShortUttError(

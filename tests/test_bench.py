@@ -1,4 +1,7 @@
-"""The benchmark's --quick mode end to end: real models, real timings, real files."""
+"""The benchmark's --quick mode end to end: real models, real timings, real files.
+
+Set SKIP_BENCH=1 to skip the quick run (CI runs it in one set of versions only).
+"""
 
 import json
 import os
@@ -12,6 +15,8 @@ pytest.importorskip("matplotlib")
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    if os.environ.get("SKIP_BENCH"):
+        pytest.skip("SKIP_BENCH is set")
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
