@@ -67,12 +67,15 @@ setup(
     extras_require={
         "test": ["pytest>=8", "ruff==0.17.6"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "int8": ["onnx>=1.16", "onnxruntime>=1.18", "editdistance"],
+        "bench": ["onnx>=1.16", "onnxruntime>=1.18", "matplotlib>=3.7"],
         "upload": ["huggingface_hub>=0.20"],
     },
     entry_points={
         "console_scripts": [
             "fusionformer-bench=espnet_fusionformer.bench:main",
             "fusionformer-export=espnet_fusionformer.export:main",
+            "fusionformer-int8-cer=espnet_fusionformer.quantize:main",
             "fusionformer-stream-decode=espnet_fusionformer.stream_decode:main",
         ]
     },
