@@ -407,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_parser().parse_args(argv)
     conf = resolve(args)
     warnings.filterwarnings("ignore")
-    total = 1 + int(conf["latency"]) * (
+    total = int(conf["latency"] or conf["streaming"]) + int(conf["latency"]) * (
         1 + len(conf["lengths"]) * len(conf["threads"]) + 1
     )
     total += int(conf["train"]) + int(conf["profile"]) + int(conf["streaming"])

@@ -111,7 +111,7 @@ def plot(result: Dict, path: Path) -> None:
     m, info = result["machine"], result["models"]
     fig.suptitle(
         f"FusionFormer vs ESPnet Conformer (E) and same-code LayerNorm (L), "
-        f"{info['blocks']} blocks d={info['d_model']}; {m['cpu']}, torch "
+        f"{info.get('blocks')} blocks d={info.get('d_model')}; {m['cpu']}, torch "
         f"{m['torch']}, load {m.get('loadavg_start', ['?'])[0]} — labels: "
         "FusionFormer / baseline (green: target met, red: missed)",
         fontsize=9,

@@ -99,11 +99,16 @@ def markdown(result: Dict) -> str:
         f"{m.get('espnet')}, Python {m['python']}; {m['date']}",
         f"- Load average at start/end: {m.get('loadavg_start')} / "
         f"{m.get('loadavg_end')} (shared machine)" + busy_warning(m),
-        f"- Encoders: {info['blocks']} blocks, d_model {info['d_model']}, "
-        f"{info['heads']} heads, FFN {info['units']}, kernel {info['kernel']}, "
-        f"{info['input_layer']} subsampling, {info['input_size']}-dim features at "
-        f"{FRAMES_PER_SECOND} frames/s. Parameters (counted on the built modules): "
-        + ", ".join(f"{NAMES[n]} {params[n] / 1e6:.2f} M" for n in params),
+        (
+            f"- Encoders: {info['blocks']} blocks, d_model {info['d_model']}, "
+            f"{info['heads']} heads, FFN {info['units']}, kernel {info['kernel']}, "
+            f"{info['input_layer']} subsampling, {info['input_size']}-dim features "
+            f"at {FRAMES_PER_SECOND} frames/s. Parameters (counted on the built "
+            "modules): "
+            + ", ".join(f"{NAMES[n]} {params[n] / 1e6:.2f} M" for n in params)
+            if params
+            else "- Encoders: only the training step was run (see below)"
+        ),
         f"- Timing: engines interleaved in every repeat (order alternating), "
         f"{conf['warmup']} warm-up call(s) each; {conf['min_repeats']}–"
         f"{conf['repeats']} repeats per setting (budget {conf['budget']} s). Cells: "
