@@ -230,7 +230,8 @@ def latency_rows(models, artifacts, conf, stages: Stages) -> List[Dict]:
     single, mixed = latency_inputs(conf)
     for th in conf["threads"]:
         torch.set_num_threads(th)
-        engines = make_engines(models, artifacts, th, stages.log)
+        kinds = tuple(k for k in ("onnx", "int8") if conf[k])
+        engines = make_engines(models, artifacts, th, stages.log, kinds)
         warm = {e.key: 2 for e in engines if e.engine == "torchscript"}
         settings = [(f, single[f], "latency", 1) for f in conf["lengths"]]
         if th == conf["batch_threads"]:

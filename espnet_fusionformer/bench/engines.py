@@ -192,9 +192,14 @@ def int8_error(wrapper, session, frames: int = 300) -> Dict:
 
 
 def make_engines(
-    models: Dict[str, torch.nn.Module], artifacts: Dict, threads: int, log
+    models: Dict[str, torch.nn.Module],
+    artifacts: Dict,
+    threads: int,
+    log,
+    kinds: Tuple[str, ...] = ("onnx", "int8"),
 ) -> List[Engine]:
-    """Every engine that could be built, ONNX Runtime sessions at ``threads``."""
+    """Every engine that could be built, ONNX Runtime sessions at ``threads``
+    (float ONNX and int8 only for the ``kinds`` asked for)."""
     from espnet_fusionformer.export import onnx_session
 
     engines = [Engine("eager", name, eager_fn(models[name])) for name in MODELS]
@@ -206,6 +211,8 @@ def make_engines(
         if traced is not None:
             engines.append(Engine("torchscript", name, script_fn(traced)))
     for kind, engine in (("onnx", "onnxruntime"), ("int8", "int8")):
+        if kind not in kinds:
+            continue
         for name in MODELS:
             path = artifacts[name].get(kind)
             if path is None:
