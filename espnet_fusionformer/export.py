@@ -67,6 +67,8 @@ class EncoderWrapper(torch.nn.Module):
         call: ``"encode"`` (no input checks, nothing data-dependent to trace) or
             ``"forward"``.
         input_size: feature size ``F``; default: ``encoder.input_size``.
+        ctc: the ASR model's ``CTC``, for an encoder with
+            ``interctc_use_conditioning`` or ``ctc_trim`` (exported with it).
     """
 
     def __init__(
@@ -74,23 +76,31 @@ class EncoderWrapper(torch.nn.Module):
         encoder: torch.nn.Module,
         call: str = "encode",
         input_size: Optional[int] = None,
+        ctc: Optional[torch.nn.Module] = None,
     ) -> None:
         super().__init__()
         if call not in ("encode", "forward"):
             raise ValueError(f"call must be 'encode' or 'forward', got {call!r}")
         self.encoder = encoder
         self.call = call
+        self.ctc = ctc
         if input_size is None:
             input_size = getattr(encoder, "input_size", None)
         if input_size is None:
             raise ValueError("the encoder has no input_size attribute: pass one")
         self.input_size = int(input_size)
         self.min_frames = min_input_frames(encoder)
+        embed = getattr(encoder, "embed", None)
+        self.tokens = bool(getattr(embed, "takes_tokens", False))  # (B, T) ids
 
     def forward(
         self, feats: torch.Tensor, feats_lengths: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.call == "encode":
+        if self.call == "encode" and self.ctc is not None:
+            encoded, encoded_lengths = self.encoder.encode(
+                feats, feats_lengths, ctc=self.ctc
+            )
+        elif self.call == "encode":
             encoded, encoded_lengths = self.encoder.encode(feats, feats_lengths)
         else:
             encoded, encoded_lengths, _ = self.encoder(feats, feats_lengths)
@@ -132,14 +142,18 @@ def min_input_frames(encoder: torch.nn.Module) -> int:
 
 
 def example_inputs(
-    size: int, lengths: Sequence[int], seed: int = 0
+    size: int, lengths: Sequence[int], seed: int = 0, tokens: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A zero-padded random batch ``(B, max(lengths), size), (B,)``."""
+    """A zero-padded random batch ``(B, max(lengths), size), (B,)``; with
+    ``tokens``, ids in ``0..size-1`` of shape ``(B, max(lengths))``."""
     gen = torch.Generator().manual_seed(seed)
-    feats = torch.randn(len(lengths), max(lengths), size, generator=gen)
     ilens = torch.tensor(list(lengths), dtype=torch.long)
-    pad = torch.arange(max(lengths))[None, :, None] >= ilens[:, None, None]
-    return feats.masked_fill(pad, 0.0), ilens
+    pad = torch.arange(max(lengths))[None, :] >= ilens[:, None]
+    if tokens:
+        ids = torch.randint(size, (len(lengths), max(lengths)), generator=gen)
+        return ids.masked_fill(pad, 0), ilens
+    feats = torch.randn(len(lengths), max(lengths), size, generator=gen)
+    return feats.masked_fill(pad[..., None], 0.0), ilens
 
 
 def _trace_lengths(shortest: int) -> List[int]:
@@ -173,7 +187,9 @@ def check_export(
     """
     worst = 0.0
     for i, lens in enumerate(lengths or _check_lengths(reference.min_frames)):
-        feats, ilens = example_inputs(reference.input_size, lens, seed=100 + i)
+        feats, ilens = example_inputs(
+            reference.input_size, lens, seed=100 + i, tokens=reference.tokens
+        )
         with torch.no_grad():
             ref, ref_lens = reference(feats, ilens)
         out, out_lens = run(feats, ilens)
@@ -203,27 +219,33 @@ def trace_module(wrapper: EncoderWrapper):
     """``torch.jit.trace`` of ``wrapper`` on a padded example batch."""
     wrapper.eval()
     feats, ilens = example_inputs(
-        wrapper.input_size, _trace_lengths(wrapper.min_frames)
+        wrapper.input_size, _trace_lengths(wrapper.min_frames), tokens=wrapper.tokens
     )
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return torch.jit.trace(wrapper, (feats, ilens), check_trace=False)
 
 
-def export_torchscript(encoder: torch.nn.Module, path, verify: bool = True) -> Path:
+def export_torchscript(
+    encoder: torch.nn.Module,
+    path,
+    verify: bool = True,
+    ctc: Optional[torch.nn.Module] = None,
+) -> Path:
     """Trace the fused encoder and save it with ``torch.jit.save``.
 
     Args:
         encoder: a ``FusionFormerEncoder`` in eval mode (fused here if it is not).
         path: output file (``.pt``).
         verify: run the saved model on other lengths and compare with PyTorch.
+        ctc: the model's ``CTC`` (see :class:`EncoderWrapper`).
 
     Returns:
         ``path`` as a ``Path``. Load with ``torch.jit.load(path)``; call it as
         ``encoded, encoded_lengths = module(feats, feats_lengths)``.
     """
     fused = fused_encoder(encoder)
-    wrapper = EncoderWrapper(fused).eval()
+    wrapper = EncoderWrapper(fused, ctc=ctc).eval()
     traced = trace_module(wrapper)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +300,9 @@ def onnx_export_module(
     wrapper.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_inputs(wrapper.input_size, _trace_lengths(wrapper.min_frames))
+    example = example_inputs(
+        wrapper.input_size, _trace_lengths(wrapper.min_frames), tokens=wrapper.tokens
+    )
     errors = []
     for method in ("legacy", "dynamo"):
         try:
@@ -333,7 +357,11 @@ def onnx_runner(session) -> Runner:
 
 
 def export_onnx(
-    encoder: torch.nn.Module, path, opset: int = 17, verify: bool = True
+    encoder: torch.nn.Module,
+    path,
+    opset: int = 17,
+    verify: bool = True,
+    ctc: Optional[torch.nn.Module] = None,
 ) -> Path:
     """Export the fused encoder to ONNX (dynamic batch and time axes).
 
@@ -343,13 +371,14 @@ def export_onnx(
         opset: ONNX opset. (Default: ``17``)
         verify: run the file with onnxruntime (if installed) on other lengths and
             batch sizes and compare with PyTorch.
+        ctc: the model's ``CTC`` (see :class:`EncoderWrapper`).
 
     Returns:
         ``path`` as a ``Path``; inputs ``feats`` (float32 ``(B, T, F)``),
         ``feats_lengths`` (int64 ``(B,)``); outputs ``encoded``, ``encoded_lengths``.
     """
     fused = fused_encoder(encoder)
-    wrapper = EncoderWrapper(fused).eval()
+    wrapper = EncoderWrapper(fused, ctc=ctc).eval()
     path = Path(path)
     method = onnx_export_module(wrapper, path, opset)
     if method != "legacy":
@@ -371,20 +400,17 @@ def describe(encoder: torch.nn.Module) -> Dict:
     embed = getattr(encoder, "embed", None)
     specs = getattr(embed, "specs", None)
     if specs is not None:
-        from espnet_fusionformer.subsampling import SUBSAMPLING
-
         specs = [tuple(s) for s in specs]
-        names = [k for k, v in SUBSAMPLING.items() if [tuple(s) for s in v] == specs]
         info["subsampling"] = dict(
-            input_layer=names[0] if names else None,
+            input_layer=getattr(embed, "input_layer", None),
             factor=math.prod(stride for _, stride in specs),
             convolutions=[dict(kernel=k, stride=s) for k, s in specs],
             min_input_frames=min_input_frames(encoder),
             output_length="for each conv: (L - kernel) // stride + 1",
         )
-    pe = getattr(getattr(embed, "pos_enc", None), "pe", None)
-    if pe is not None:  # traced as a constant: longer inputs fail in the export
-        info["max_output_frames"] = (pe.size(1) + 1) // 2
+    pos_enc = getattr(embed, "pos_enc", None)
+    if getattr(pos_enc, "max_length", lambda: None)() is not None:
+        info["max_output_frames"] = pos_enc.max_length()  # a constant when traced
     for key in ("normalization", "activation"):
         if hasattr(encoder, key):
             info[key] = getattr(encoder, key)
@@ -449,12 +475,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         if getattr(model, extra, None) is not None:
             logging.warning("the model has a %s: it is NOT part of the export", extra)
 
+    # as ESPnetASRModel.encode: the encoder reads the CTC for these options
+    ctc = None
+    if encoder.interctc_use_conditioning or encoder.ctc_trim:
+        ctc = model.ctc
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     files = {}
     if "onnx" in args.format:
         files["onnx"] = export_onnx(
-            encoder, outdir / "encoder.onnx", args.opset, args.verify
+            encoder, outdir / "encoder.onnx", args.opset, args.verify, ctc
         ).name
         logging.info("wrote %s", outdir / files["onnx"])
     if args.int8:
@@ -469,7 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         logging.info("wrote %s", outdir / files["int8"])
     if "torchscript" in args.format:
         files["torchscript"] = export_torchscript(
-            encoder, outdir / "encoder.pt", args.verify
+            encoder, outdir / "encoder.pt", args.verify, ctc
         ).name
         logging.info("wrote %s", outdir / files["torchscript"])
 

@@ -203,11 +203,11 @@ def check_streamable(model: torch.nn.Module) -> None:
             "streaming decoding needs encoder: fusionformer, this model has "
             f"{type(encoder).__name__}"
         )
-    if not encoder.streamable:
+    obstacle = encoder.streaming_obstacle()
+    if obstacle is not None:
         raise ValueError(
-            "the encoder is not causal: its convolution module sees the future. "
-            "Streaming needs a model trained with encoder_conf causal: true "
-            "(ideally with dynamic_chunk_training: true or a chunk_size)"
+            f"the encoder cannot stream: {obstacle} (streaming models train "
+            "ideally with dynamic_chunk_training: true or a chunk_size)"
         )
     normalize = getattr(model, "normalize", None)
     if isinstance(normalize, UtteranceMVN):
@@ -420,6 +420,7 @@ class Speech2TextStreaming:
                 self.required_cache,
                 self._att_cache,
                 self._cnn_cache,
+                self.asr_model.ctc,  # for interctc_use_conditioning
             )
             self._offset += ys.size(1)
             self._add_output(ys[0])

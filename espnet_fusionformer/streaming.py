@@ -43,12 +43,13 @@ def sample_chunk(
 
 
 def encode_chunk_by_chunk(
-    encoder, xs: torch.Tensor, chunk_size: int, left_chunks: int = -1
+    encoder, xs: torch.Tensor, chunk_size: int, left_chunks: int = -1, ctc=None
 ) -> torch.Tensor:
     """Encode one utterance ``(1, T, F)`` chunk by chunk with ``forward_chunk``.
 
     The input windows overlap by the subsampling's receptive field, so every
     output frame is computed from the same input frames as in the full forward.
+    ``ctc``: the model's CTC, for ``interctc_use_conditioning``.
 
     Returns:
         ``(1, T', D)``, equal to the full forward under the same chunk mask.
@@ -60,7 +61,7 @@ def encode_chunk_by_chunk(
     outputs, offset = [], 0
     for start in range(0, xs.size(1) - context + 1, stride):
         ys, att_cache, cnn_cache = encoder.forward_chunk(
-            xs[:, start : start + window], offset, required, att_cache, cnn_cache
+            xs[:, start : start + window], offset, required, att_cache, cnn_cache, ctc
         )
         outputs.append(ys)
         offset += ys.size(1)

@@ -1,24 +1,29 @@
-"""Convolutional subsampling with a BatchNorm after every convolution and the
-output projection (FusionFormer), or without (Conformer, like ESPnet's
-``Conv2dSubsampling*``).
+"""Input layers (``input_layer``): ``(B, T, F)`` features -> ``(B, T', D)`` frames,
+then positions (``positions.py``).
 
+``conv2d*`` are ESPnet's ``Conv2dSubsampling*`` with a BatchNorm after every
+convolution and the output projection (FusionFormer), or without (Conformer).
 Unlike ESPnet's, output lengths are the exact convolution lengths
 ``(L - kernel) // stride + 1``, so no valid output frame reads padding and an
-utterance gives the same frames alone or inside a padded batch.
+utterance gives the same frames alone or inside a padded batch. ``linear`` is
+``Linear -> BN`` (FusionFormer; ESPnet: ``Linear -> LayerNorm``) and dropout,
+``embed`` an embedding of token ids ``(B, T)``, ``None`` the features themselves.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-from espnet.nets.pytorch_backend.transformer.embedding import RelPositionalEncoding
 from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError
 
-from espnet_fusionformer.blocks import exporting
+from espnet_fusionformer.blocks import dropout, exporting
 from espnet_fusionformer.fusable import Fusable, LayerBN, linear_bn
+from espnet_fusionformer.norm import make_norm
 
-# input_layer -> (kernel, stride) of each Conv2d, as ESPnet's Conv2dSubsampling{,6,8}
+# input_layer -> (kernel, stride) of each Conv2d, as ESPnet's Conv2dSubsampling*
 SUBSAMPLING = {
     "conv2d": ((3, 2), (3, 2)),
+    "conv2d1": ((3, 1), (3, 1)),
+    "conv2d2": ((3, 2), (3, 1)),
     "conv2d6": ((3, 2), (5, 3)),
     "conv2d8": ((3, 2), (3, 2), (3, 2)),
 }
@@ -29,38 +34,112 @@ def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
 
 
-class Conv2dSubsampling(Fusable):
-    """``(B, T, F)`` features -> ``(B, T', D)`` frames plus relative position table.
+class InputLayer(Fusable):
+    """Frames, then positions: ``forward`` returns ``(B, T', D)`` frames, the
+    relative position table (or ``None``) and the ``(B, T')`` valid-frame mask.
+
+    Subclasses implement ``frames``; ``specs`` lists the ``(kernel, stride)`` of
+    their convolutions over time (none: one output frame per input frame).
+
+    Args:
+        pos_enc: a module of ``positions.POSITIONAL``.
+    """
+
+    specs: Sequence[Tuple[int, int]] = ()
+    takes_tokens = False  # input is (B, T) token ids, not (B, T, F) features
+
+    def __init__(self, input_layer: Optional[str], pos_enc: torch.nn.Module) -> None:
+        super().__init__()
+        self.input_layer = input_layer
+        self.pos_enc = pos_enc
+
+    def frames(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, F), (B,) -> (B, T', D)`` frames and ``(B, T')`` valid mask."""
+        raise NotImplementedError
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Exact frame counts after the convolutions, ``(B,) -> (B,)``."""
+        for kernel, stride in self.specs:
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        return lengths
+
+    def min_input_length(self) -> int:
+        """Shortest input that yields one output frame."""
+        length = 1
+        for kernel, stride in reversed(self.specs):
+            length = (length - 1) * stride + kernel
+        return length
+
+    def check_length(self, shortest: int) -> None:
+        """Raise ``TooShortUttError`` if ``shortest`` input frames give no output."""
+        limit = self.min_input_length()
+        if shortest < limit:
+            raise TooShortUttError(
+                f"input of {shortest} frames is too short for the subsampling: "
+                f"it needs at least {limit} frames",
+                shortest,
+                limit,
+            )
+
+    def rate(self) -> int:
+        """Subsampling factor: input frames per output frame."""
+        rate = 1
+        for _, stride in self.specs:
+            rate *= stride
+        return rate
+
+    def positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        """ESPnet's relative position table ``(1, 2 length - 1, D)``."""
+        return self.pos_enc.positions(length, like)
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, offset: int = 0
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """Frames and positions.
+
+        Args:
+            x: ``(B, T, F)`` features (``(B, T)`` token ids for ``embed``).
+            lengths: ``(B,)`` valid frames per utterance.
+            offset: output frames before ``x`` (streaming; absolute positions).
+
+        Returns:
+            ``(B, T', D)`` frames, ``(1, 2T'-1, D)`` relative position table or
+            ``None``, ``(B, T')`` bool mask of valid frames.
+        """
+        x, valid = self.frames(x, lengths)
+        x, pos_emb = self.pos_enc(x, valid.unsqueeze(-1), offset)
+        return x, pos_emb, valid
+
+    def fuse_(self) -> None:
+        """Nothing beyond the ``LayerBN`` children, which ``fuse()`` folds."""
+
+
+class Conv2dSubsampling(InputLayer):
+    """``(B, T, F)`` features -> ``(B, T', D)`` frames by 2-D convolutions.
 
     Args:
         input_size: feature size ``F``.
         output_size: model size ``D`` (also the number of conv channels).
-        input_layer: ``"conv2d"`` (T/4), ``"conv2d6"`` (T/6) or ``"conv2d8"`` (T/8).
-        dropout_rate: dropout of the positional encoding.
+        input_layer: ``"conv2d"`` (T/4), ``"conv2d1"`` (T - 4), ``"conv2d2"`` (T/2),
+            ``"conv2d6"`` (T/6) or ``"conv2d8"`` (T/8).
+        pos_enc: the positional encoding (see :class:`InputLayer`).
         batch_norm: BatchNorm after each conv and after the output projection.
-        max_len: initial length of the positional table (it grows as needed).
-        scale_input: multiply the frames by ``sqrt(D)`` as ESPnet's positional
-            encoding does (the Conformer's LayerNorms cancel it; without them it
-            would make the input dominate the residual stream). (Default: ``True``)
+        sync: cross-rank statistics of the BatchNorms.
     """
 
     def __init__(
         self,
         input_size: int,
         output_size: int,
-        input_layer: str = "conv2d",
-        dropout_rate: float = 0.1,
+        input_layer: str,
+        pos_enc: torch.nn.Module,
         batch_norm: bool = True,
         sync: Optional[bool] = None,
-        max_len: int = 5000,
-        scale_input: bool = True,
     ) -> None:
-        super().__init__()
-        if input_layer not in SUBSAMPLING:
-            raise ValueError(
-                f"unknown input_layer {input_layer!r}: choose from {list(SUBSAMPLING)}"
-            )
-        self.specs: Sequence[Tuple[int, int]] = SUBSAMPLING[input_layer]
+        super().__init__(input_layer, pos_enc)
+        self.specs = SUBSAMPLING[input_layer]
         freq, channels = input_size, 1
         convs = []
         for kernel, stride in self.specs:
@@ -76,60 +155,11 @@ class Conv2dSubsampling(Fusable):
         self.convs = torch.nn.ModuleList(convs)
         self.conv_in: Optional[torch.nn.Linear] = None  # fused: first conv
         self.out = linear_bn(output_size * freq, output_size, batch_norm, sync)
-        self.pos_enc = RelPositionalEncoding(output_size, dropout_rate, max_len)
-        if not scale_input:
-            self.pos_enc.xscale = 1.0
 
-    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Exact frame counts after the convolutions, ``(B,) -> (B,)``."""
-        for kernel, stride in self.specs:
-            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
-        return lengths
-
-    def min_input_length(self) -> int:
-        """Shortest input that yields one output frame."""
-        length = 1
-        for kernel, stride in reversed(self.specs):
-            length = (length - 1) * stride + kernel
-        return length
-
-    def check_lengths(self, lengths: torch.Tensor) -> None:
-        shortest = int(lengths.min())
-        limit = self.min_input_length()
-        if shortest < limit:
-            raise TooShortUttError(
-                f"input of {shortest} frames is too short for the subsampling: "
-                f"it needs at least {limit} frames",
-                shortest,
-                limit,
-            )
-
-    def positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
-        """ESPnet's relative position table ``(1, 2 length - 1, D)``."""
-        self.pos_enc.extend_pe(like.new_empty(1, length))
-        pe = self.pos_enc.pe
-        return pe[:, pe.size(1) // 2 - length + 1 : pe.size(1) // 2 + length]
-
-    def rate(self) -> int:
-        """Subsampling factor: input frames per output frame."""
-        rate = 1
-        for _, stride in self.specs:
-            rate *= stride
-        return rate
-
-    def forward(
+    def frames(
         self, x: torch.Tensor, lengths: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Subsample.
-
-        Args:
-            x: ``(B, T, F)`` features.
-            lengths: ``(B,)`` valid frames per utterance.
-
-        Returns:
-            ``(B, T', D)`` frames (times sqrt(D) if ``scale_input``), ``(1, 2T'-1,
-            D)`` relative position table and ``(B, T')`` bool mask of valid frames.
-        """
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, F), (B,) -> (B, T', D)`` frames and ``(B, T')`` valid mask."""
         if self.conv_in is not None:
             return self._forward_fused(x, lengths)
         x = x.unsqueeze(1)  # (B, 1, T, F)
@@ -139,13 +169,11 @@ class Conv2dSubsampling(Fusable):
             x = conv(x, mask[:, None, :, None])  # (B, D, T', F'), ReLU'd
         b, c, t, f = x.shape
         x = x.transpose(1, 2).reshape(b, t, c * f)  # (B, T', D * F')
-        x = self.out(x, mask.unsqueeze(-1))
-        x, pos_emb = self.pos_enc(x)
-        return x, pos_emb, mask
+        return self.out(x, mask.unsqueeze(-1)), mask
 
     def _forward_fused(
         self, x: torch.Tensor, lengths: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Fused form of ``forward``: channels-last convolutions, no transposes."""
         kernel, stride = self.specs[0]
         if exporting():  # ONNX has no dynamic unfold; a Conv2d exports (and fuses)
@@ -163,13 +191,13 @@ class Conv2dSubsampling(Fusable):
         for conv in self.convs:
             h = conv(h, None)
         h = h.permute(0, 2, 3, 1)  # (B, T', F', C)
-        x = self.out(h.reshape(b, h.size(1), -1), None)  # scaled by sqrt(D)
-        return x, self.positions(x.size(1), x), valid_mask(lengths, x.size(1))
+        x = self.out(h.reshape(b, h.size(1), -1), None)  # times the input scale
+        return x, valid_mask(lengths, x.size(1))
 
     def fuse_(self) -> None:
         """Fused form: the first conv as a matmul over patches, the others
         channels-last, the output projection reading ``(F', C)`` order and
-        including the ``sqrt(D)`` scale of the positional encoding."""
+        including the input scale of the positional encoding (``sqrt(D)``)."""
         if self.conv_in is not None:
             return
         for module in (*self.convs, self.out):
@@ -186,9 +214,117 @@ class Conv2dSubsampling(Fusable):
             conv_in.bias.copy_(first.bias)
             weight = out.weight.view(out.out_features, channels, freq)
             out.weight.copy_(weight.transpose(1, 2).reshape(out.out_features, -1))
-            out.weight.mul_(self.pos_enc.xscale)
-            out.bias.mul_(self.pos_enc.xscale)
+            scale = getattr(self.pos_enc, "xscale", 1.0)
+            out.weight.mul_(scale)
+            out.bias.mul_(scale)
+        if scale != 1.0:
+            self.pos_enc.xscale = 1.0
         self.conv_in = conv_in.to(first.weight.dtype).train(self.training)
         self.convs = torch.nn.ModuleList(
             [c.to(memory_format=torch.channels_last) for c in self.convs[1:]]
         ).train(self.training)
+
+
+class LinearInput(InputLayer):
+    """``linear``: ``Linear(F, D) -> [BN] -> [norm] -> dropout`` per frame (ESPnet:
+    ``Linear -> LayerNorm -> Dropout``; here the BatchNorm of FusionFormer or the
+    norm of the ablation, see ``make_norm``)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        pos_enc: torch.nn.Module,
+        batch_norm: bool,
+        norm: Optional[str],
+        dropout_rate: float,
+        sync: Optional[bool] = None,
+    ) -> None:
+        super().__init__("linear", pos_enc)
+        self.out = linear_bn(input_size, output_size, batch_norm, sync)
+        self.norm = make_norm(norm, output_size, sync)
+        self.dropout = torch.nn.Dropout(dropout_rate)
+
+    def frames(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        valid = valid_mask(lengths, x.size(1))
+        mask = valid.unsqueeze(-1)
+        x = self.out(x, mask)
+        if self.norm is not None:
+            x = self.norm(x, mask)
+        return dropout(self.dropout, x), valid
+
+
+class EmbedInput(InputLayer):
+    """``embed``: ``Embedding(F, D, padding_idx)`` of ``(B, T)`` token ids (ids on
+    padded frames may be anything: they are read as 0)."""
+
+    takes_tokens = True
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        pos_enc: torch.nn.Module,
+        padding_idx: Optional[int] = -1,
+    ) -> None:
+        super().__init__("embed", pos_enc)
+        self.embedding = torch.nn.Embedding(
+            input_size, output_size, padding_idx=padding_idx
+        )
+
+    def frames(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        valid = valid_mask(lengths, x.size(1))
+        return self.embedding(x.masked_fill(~valid, 0)), valid
+
+
+class NoInput(InputLayer):
+    """``input_layer: null``: the features are the frames (``F == D``)."""
+
+    def __init__(self, input_size: int, output_size: int, pos_enc: torch.nn.Module):
+        if input_size != output_size:
+            raise ValueError(
+                f"input_layer None needs input_size ({input_size}) == output_size "
+                f"({output_size}): the features enter the blocks as they are"
+            )
+        super().__init__(None, pos_enc)
+
+    def frames(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return x, valid_mask(lengths, x.size(1))
+
+
+def make_input_layer(
+    input_layer: Optional[str],
+    input_size: int,
+    output_size: int,
+    pos_enc: torch.nn.Module,
+    batch_norm: bool,
+    norm: Optional[str],
+    dropout_rate: float,
+    sync: Optional[bool] = None,
+    padding_idx: Optional[int] = -1,
+) -> InputLayer:
+    """The ``input_layer`` module (see the module docstring)."""
+    builders: Dict[Optional[str], object] = {
+        **{
+            name: lambda: Conv2dSubsampling(
+                input_size, output_size, input_layer, pos_enc, batch_norm, sync
+            )
+            for name in SUBSAMPLING
+        },
+        "linear": lambda: LinearInput(
+            input_size, output_size, pos_enc, batch_norm, norm, dropout_rate, sync
+        ),
+        "embed": lambda: EmbedInput(input_size, output_size, pos_enc, padding_idx),
+        None: lambda: NoInput(input_size, output_size, pos_enc),
+    }
+    if input_layer not in builders:
+        raise ValueError(
+            f"unknown input_layer {input_layer!r}: choose from {list(builders)}"
+        )
+    return builders[input_layer]()

@@ -1,13 +1,16 @@
 """Shared fixtures: tiny encoders, warmed-up BatchNorms, a tiny ESPnet data dir."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import pytest
+import soundfile
 import torch
+import yaml
 
 from espnet_fusionformer import FusionFormerEncoder
 
@@ -20,6 +23,8 @@ TINY = dict(
     num_blocks=2,
     cnn_module_kernel=7,
     dropout_rate=0.1,
+    macaron_style=True,
+    rel_pos_type="latest",
 )
 FEATS = 20
 
@@ -29,8 +34,15 @@ def make_encoder(**conf) -> FusionFormerEncoder:
     return FusionFormerEncoder(FEATS, **{**TINY, **conf})
 
 
-def warm_up(encoder: torch.nn.Module, steps: int = 4) -> torch.nn.Module:
-    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+def warm_up(
+    encoder: torch.nn.Module, steps: int = 4, dropout: bool = True
+) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics.
+
+    ``dropout=False`` warms up without dropout, so the statistics depend on no
+    global random numbers: the same on every torch version (dropout masks of one
+    seed differ between torch releases).
+    """
     gen = torch.Generator().manual_seed(1)
     for m in encoder.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -39,6 +51,10 @@ def warm_up(encoder: torch.nn.Module, steps: int = 4) -> torch.nn.Module:
                 m.bias.uniform_(-0.5, 0.5, generator=gen)
             m.momentum = 0.5
     encoder.train()
+    if not dropout:
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
     with torch.no_grad():
         for _ in range(steps):
             xs = 3 * torch.randn(3, 90, FEATS, generator=gen) + 1
@@ -123,3 +139,49 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def python() -> str:
     return sys.executable
+
+
+def espnet(*args, cwd: Path, launcher=()) -> subprocess.CompletedProcess:
+    """Run an unchanged ESPnet entry point (``-m module args``) in a fresh
+    interpreter, optionally under a launcher such as ``torchrun``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    tests = str(Path(__file__).parent)  # for tests/_capture_model.py
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+    command = list(launcher) if launcher else [python()]
+    proc = subprocess.run(
+        [*command, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def asr_train_args(exp: Path, data: Path, output_dir: Path, **config) -> List[str]:
+    """``asr_train`` arguments for two epochs on the tiny data dir ``data``; the
+    config (``exp/train.yaml``) takes ``config`` overrides."""
+    defaults = dict(
+        max_epoch=2,
+        batch_type="unsorted",
+        batch_size=4,
+        num_workers=0,
+        num_att_plot=0,
+        seed=0,
+        keep_nbest_models=2,
+        best_model_criterion=[["valid", "loss", "min"]],
+    )
+    config = {**asr_config(), **defaults, **config}
+    (exp / "train.yaml").write_text(yaml.safe_dump(config))
+    shapes = []
+    for line in (data / "wav.scp").read_text().splitlines():
+        utt, path = line.split()
+        shapes.append(f"{utt} {soundfile.info(path).frames}")
+    (exp / "speech_shape").write_text("\n".join(shapes) + "\n")
+    args = ["--config", str(exp / "train.yaml"), "--ngpu", "0"]
+    args += ["--output_dir", str(output_dir), "--use_preprocessor", "true"]
+    for split in ("train", "valid"):
+        args += [f"--{split}_shape_file", str(exp / "speech_shape")]
+        args += [
+            f"--{split}_data_path_and_name_and_type",
+            f"{data / 'wav.scp'},speech,sound",
+        ]
+        args += [f"--{split}_data_path_and_name_and_type", f"{data / 'text'},text,text"]
+    return args

@@ -1,11 +1,15 @@
-"""The benchmark: --quick end to end with real models (one subprocess run), the
+"""The benchmark: --quick end to end with real models (one in-process run), the
 timing arithmetic, and the training step on a recipe dump read by ESPnet's
-iterator."""
+iterator.
+
+Set SKIP_BENCH=1 to skip the quick run (CI runs it in one set of versions only).
+"""
 
 import contextlib
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +37,8 @@ MODELS = ("conformer", "layernorm", "fusionformer")
 def quick_run(tmp_path_factory):
     """``--quick`` in this process (ESPnet's slow imports are paid once per test
     session); the console entry point is checked by ``test_module_entry_point``."""
+    if os.environ.get("SKIP_BENCH"):
+        pytest.skip("SKIP_BENCH is set")
     out = tmp_path_factory.mktemp("bench")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), warnings.catch_warnings():

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import FEATS, batch, make_encoder, warm_up
 from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from espnet_fusionformer import FusionFormerEncoder, fuse
 from espnet_fusionformer.blocks import ConvModule
@@ -57,34 +58,122 @@ def test_fuse_merges_qkv_and_is_idempotent():
     assert torch.equal(outputs(fused, [50])[0], outputs(again, [50])[0])
 
 
-def test_fuse_refuses_training_mode():
+def test_fuse_refuses_training_mode_and_non_finite_statistics():
     encoder = make_encoder().train()
     with pytest.raises(RuntimeError, match="eval mode"):
         fuse(encoder)
+    encoder.eval().encoders[1].attention.linear_k.bn.running_var[3] = float("nan")
+    with pytest.raises(ValueError, match=r"encoders\.1\.attention\.linear_k\.bn"):
+        fuse(encoder)
 
 
-def test_eval_forward_uses_folded_copy_and_refreshes_it():
+def fused_copy_is_used(encoder, call) -> bool:
+    """Whether ``call()`` ran the encoder's fused copy (it has no BatchNorm)."""
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda *_: seen.append(1))
+        for m in encoder.modules()
+        if isinstance(m, NORMS)
+    ]
+    try:
+        call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return not seen
+
+
+def test_eval_without_gradient_uses_the_fused_copy():
     encoder = warm_up(make_encoder())
-    encoder.fuse_for_inference = True
-    first = outputs(encoder, [60])[0]
-    fused = encoder.fused_copy()
-    assert count(fused, NORMS) == 0
-    assert encoder.fused_copy() is fused  # built once per eval phase
-    encoder.fuse_for_inference = False
-    assert (outputs(encoder, [60])[0] - first).abs().max() < 1e-4
-    # a training step, then eval again: the fused copy must follow the new weights
-    encoder.fuse_for_inference = True
-    encoder.train()
+    xs, ilens = batch([60, 41])
     with torch.no_grad():
-        encoder.encoders[0].feed_forward.w_2.layer.weight.mul_(3)
-    encoder.eval()
-    assert encoder.fused_copy() is not fused
-    assert (outputs(encoder, [60])[0] - first).abs().max() > 1e-3
-    # load_state_dict in eval mode drops the copy as well
-    state = {k: v.clone() for k, v in make_encoder().state_dict().items()}
-    stale = encoder.fused_copy()
-    encoder.load_state_dict(state)
-    assert encoder.fused_copy() is not stale
+        assert fused_copy_is_used(encoder, lambda: encoder(xs, ilens))
+        fused_out = encoder(xs, ilens)[0]
+        fused = encoder.fused_copy()
+        assert count(fused, NORMS) == 0
+        assert encoder.fused_copy() is fused  # built once while nothing changes
+        encoder.fuse_for_inference = False
+        assert not fused_copy_is_used(encoder, lambda: encoder(xs, ilens))
+        assert (encoder(xs, ilens)[0] - fused_out).abs().max() < 1e-4
+    with torch.inference_mode():
+        encoder.fuse_for_inference = True
+        assert fused_copy_is_used(encoder, lambda: encoder(xs, ilens))
+
+
+def test_eval_with_autograd_trains_the_unfused_encoder():
+    """Fine-tuning with BatchNorm frozen through eval(): gradients must arrive."""
+    encoder = warm_up(make_encoder())
+    xs, ilens = batch([60, 41])
+    assert not fused_copy_is_used(encoder, lambda: encoder(xs, ilens))
+    ys = encoder(xs, ilens)[0]
+    ys.pow(2).sum().backward()
+    grads = [p.grad for p in encoder.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    with torch.no_grad():
+        assert (encoder(xs, ilens)[0] - ys).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["optimizer_step", "in_place_buffer", "load_state_dict", "replace_parameter"],
+)
+def test_fused_copy_sees_every_change(change):
+    encoder = warm_up(make_encoder())
+    xs, ilens = batch([60, 41])
+    with torch.no_grad():
+        before = encoder(xs, ilens)[0]
+    ffn = encoder.encoders[0].feed_forward.w_2
+    if change == "optimizer_step":  # e.g. fine-tuning in eval mode
+        encoder(xs, ilens)[0].pow(2).mean().backward()
+        torch.optim.SGD(encoder.parameters(), lr=0.01).step()
+    elif change == "in_place_buffer":  # e.g. an EMA of the statistics
+        ffn.bn.running_var.mul_(4)
+    elif change == "load_state_dict":
+        encoder.load_state_dict(make_encoder().state_dict())
+    else:
+        ffn.layer.weight = torch.nn.Parameter(3 * ffn.layer.weight.detach())
+    with torch.no_grad():
+        after = encoder(xs, ilens)[0]
+        encoder.fuse_for_inference = False
+        unfused = encoder(xs, ilens)[0]
+    assert (after - before).abs().max() > 1e-3
+    assert torch.allclose(after, unfused, rtol=1e-5, atol=1e-4)
+
+
+def test_the_fused_copy_is_a_cache_invisible_to_copies_and_saves(tmp_path):
+    import copy
+    import pickle
+
+    encoder = warm_up(make_encoder())
+    xs, ilens = batch([60, 41])
+    encoder(xs, ilens)[0].sum().backward()  # eval forward with autograd on
+    with torch.no_grad():
+        expected = encoder(xs, ilens)[0]
+    assert encoder.__dict__["_fused_copy"] is not None
+    keys = set(encoder.state_dict())
+    assert not any("fused" in k for k in keys)
+    size = len(pickle.dumps(encoder))
+    encoder.train()  # drops the cache
+    assert len(pickle.dumps(encoder.eval())) == size  # the cache was not pickled
+    with torch.no_grad():
+        encoder(xs, ilens)
+    for clone in (
+        copy.deepcopy(encoder),
+        fuse(encoder),
+        pickle.loads(pickle.dumps(encoder)),
+    ):
+        assert clone.__dict__.get("_fused_copy") is None
+        with torch.no_grad():
+            assert (clone(xs, ilens)[0] - expected).abs().max() < 1e-4
+    torch.save(encoder, tmp_path / "encoder.pt")
+    loaded = torch.load(tmp_path / "encoder.pt", weights_only=False)
+    with torch.no_grad():
+        assert (loaded(xs, ilens)[0] - expected).abs().max() < 1e-4
+        traced = torch.jit.trace(lambda x, n: encoder(x, n)[0], (xs, ilens))
+        assert (traced(xs, ilens) - expected).abs().max() < 1e-4
+        parallel = torch.nn.DataParallel(encoder)
+        assert (parallel(xs, ilens)[0] - expected).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
@@ -178,8 +267,9 @@ def test_conformer_encoder_conf_is_accepted():
         input_layer="conv2d",
     )
     assert encoder.activation == "relu"  # FusionFormer replaces Swish
-    reference = make_encoder(normalization="layernorm", activation_type="swish")
-    assert reference.activation == "swish"
+    reference = make_encoder(normalization="layernorm", activation_type="tanh")
+    assert reference.activation == "tanh"
+    assert isinstance(reference.encoders[0].conv_module.activation, torch.nn.Tanh)
 
 
 @pytest.mark.parametrize(
@@ -187,12 +277,41 @@ def test_conformer_encoder_conf_is_accepted():
     [
         ({"normalization": "groupnorm"}, "unknown normalization 'groupnorm'"),
         ({"activation": "gelu"}, "unknown activation 'gelu'"),
-        ({"input_layer": "linear"}, "unknown input_layer 'linear'"),
+        ({"activation_type": "gelu"}, "unknown activation_type 'gelu'"),
+        ({"input_layer": "fff"}, "unknown input_layer 'fff'"),
+        ({"input_layer": None}, "input_layer None needs input_size"),
         ({"cnn_module_kernel": 8}, "must be odd"),
         ({"attention_heads": 5}, "not divisible"),
-        ({"normalize_before": False}, "normalize_before=False"),
-        ({"rel_pos_type": "legacy"}, "rel_pos_type='legacy'"),
-        ({"selfattention_layer_type": "selfattn"}, "selfattention_layer_type"),
+        ({"rel_pos_type": "dummy"}, "unknown rel_pos_type 'dummy'"),
+        ({"pos_enc_layer_type": "dummy"}, "unknown pos_enc_layer_type 'dummy'"),
+        (
+            {"pos_enc_layer_type": "abc_pos", "selfattention_layer_type": "dummy"},
+            "unknown pos_enc_layer_type",
+        ),
+        ({"selfattention_layer_type": "dummy"}, "unknown selfattention_layer_type"),
+        ({"selfattention_layer_type": "selfattn"}, "does not go with"),
+        ({"pos_enc_layer_type": "abs_pos"}, "does not go with"),
+        (
+            {
+                "pos_enc_layer_type": "legacy_rel_pos",
+                "selfattention_layer_type": "legacy_rel_selfattn",
+            },
+            "rel_pos_type 'latest' does not go with",
+        ),
+        ({"positionwise_layer_type": "conv2d"}, "unknown positionwise_layer_type"),
+        ({"stochastic_depth_rate": [0.1]}, "stochastic_depth_rate has 1 values"),
+        ({"stochastic_depth_rate": [0.1] * 3}, "stochastic_depth_rate has 3"),
+        ({"interctc_layer_idx": [0, 1]}, r"interctc_layer_idx \[0, 1\] must lie"),
+        ({"interctc_layer_idx": [1, 2]}, "interctc_layer_idx"),
+        (
+            {
+                "pos_enc_layer_type": "conv",
+                "output_size": 24,
+                "rel_pos_type": "legacy",
+                "selfattention_layer_type": "selfattn",
+            },
+            "do not split into 16 groups",
+        ),
     ],
 )
 def test_bad_options_are_rejected(conf, message):
@@ -211,13 +330,56 @@ def test_bad_input_is_rejected(training):
     xs, ilens = batch([40, 30])
     with pytest.raises(ValueError, match="feature size 21 does not match"):
         encoder(torch.randn(2, 40, FEATS + 1), ilens)
-    with pytest.raises(ValueError, match="exceeds the padded time axis"):
-        encoder(xs, torch.tensor([41, 30]))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        encoder(xs.index_put((torch.tensor([0]),), torch.tensor(float("nan"))), ilens)
     with pytest.raises(ValueError, match=r"expected \(batch, time, 20\)"):
         encoder(xs[0], ilens)
     with pytest.raises(TooShortUttError, match="too short for the subsampling"):
-        encoder(xs, torch.tensor([40, 6]))
+        encoder(xs[:, :6], torch.tensor([6, 6]))
+    # lengths are checked on the host in eval, on the device in training
+    error = RuntimeError if training else ValueError
+    for lengths in ([41, 30], [40, 0], [40, -3]):
+        with pytest.raises(error, match="must be in 1..40"):
+            encoder(xs, torch.tensor(lengths))
     ys, olens, _ = encoder(xs[:, :7], torch.tensor([7, 7]))  # the shortest that works
     assert olens.tolist() == [1, 1]
+
+
+def test_eval_rejects_non_finite_and_too_short_input_training_leaves_them():
+    encoder = make_encoder()
+    xs, ilens = batch([40, 30])
+    nan = xs.index_put((torch.tensor([0]),), torch.tensor(float("nan")))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            encoder.eval()(nan, ilens)
+        with pytest.raises(TooShortUttError, match="too short for the subsampling"):
+            encoder(xs, torch.tensor([40, 6]))
+    # ESPnet's trainer skips a step whose loss is not finite: no exception here
+    ys, _, _ = encoder.train()(nan, ilens)
+    assert not torch.isfinite(ys).all()
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records ops that copy a device value to the host (a GPU stall)."""
+
+    SYNCS = ("_local_scalar_dense", "nonzero", "is_nonzero", "item", "equal")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.SYNCS:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "conf", [{}, {"causal": True, "dynamic_chunk_training": True}], ids=["full", "u2"]
+)
+def test_training_step_never_synchronizes_device_and_host(conf):
+    encoder = make_encoder(**conf).train()
+    xs, ilens = batch([80, 50, 33])
+    with _HostSyncs() as mode:
+        for _ in range(3):  # dynamic chunks: full context and chunked batches
+            ys, olens, _ = encoder(xs, ilens)
+            (ys * (olens > 0)[:, None, None]).sum().backward()
+    assert mode.calls == []

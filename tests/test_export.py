@@ -14,7 +14,11 @@ from espnet2.tasks.asr import ASRTask
 from espnet_fusionformer import fuse
 from espnet_fusionformer.export import export_onnx, export_torchscript, main
 
-ort = pytest.importorskip("onnxruntime")
+try:
+    import onnxruntime as ort
+except ImportError:  # no onnxruntime wheel installs next to espnet 202506's numpy
+    ort = None
+needs_ort = pytest.mark.skipif(ort is None, reason="onnxruntime is not installed")
 
 # different time lengths and batch sizes than the traced example (padded and not)
 LENGTHS = [[90, 61], [143], [40, 40, 25]]
@@ -42,6 +46,7 @@ def assert_close(encoder, run):
             np.testing.assert_allclose(ys[b, :n], ref[b, :n].numpy(), atol=1e-4)
 
 
+@needs_ort
 def test_onnx_matches_pytorch_on_other_lengths(encoder, tmp_path):
     path = export_onnx(encoder, tmp_path / "encoder.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -125,16 +130,19 @@ def test_cli_exports_an_asrtask_model(tmp_path):
     assert written["files"] == {"onnx": "encoder.onnx", "torchscript": "encoder.pt"}
 
     encoder = model.encoder.eval()
-    session = ort.InferenceSession(
-        str(out / "encoder.onnx"), providers=["CPUExecutionProvider"]
-    )
     scripted = torch.jit.load(str(out / "encoder.pt"))
     xs, ilens = batch([80, 57], seed=5)
     ref, ref_lens = reference(encoder, xs, ilens)
-    ys, olens = session.run(None, {"feats": xs.numpy(), "feats_lengths": ilens.numpy()})
     with torch.no_grad():
         ys_ts, olens_ts = scripted(xs, ilens)
-    for out_ys, out_lens in ((ys, olens), (ys_ts.numpy(), olens_ts.numpy())):
+    outputs = [(ys_ts.numpy(), olens_ts.numpy())]
+    if ort is not None:  # (without it, the file is written but not run)
+        session = ort.InferenceSession(
+            str(out / "encoder.onnx"), providers=["CPUExecutionProvider"]
+        )
+        feeds = {"feats": xs.numpy(), "feats_lengths": ilens.numpy()}
+        outputs.append(tuple(session.run(None, feeds)))
+    for out_ys, out_lens in outputs:
         np.testing.assert_array_equal(out_lens, ref_lens.numpy())
         for b, n in enumerate(ref_lens.tolist()):
             np.testing.assert_allclose(out_ys[b, :n], ref[b, :n].numpy(), atol=1e-4)

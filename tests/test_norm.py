@@ -118,30 +118,35 @@ def test_momentum_none_is_a_cumulative_average():
     assert torch.allclose(bn.running_mean, 2 * valid.mean(0), atol=1e-5)
 
 
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out: str, momentum) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
     torch.manual_seed(0)
-    bn = MaskedBatchNorm(C)  # sync=None: on, since the world size is 2
+    bn = MaskedBatchNorm(C, momentum=momentum)  # sync=None: on, world size 2
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
     xs, mask, probe = inputs()
     part = slice(2 * rank, 2 * rank + 2)
+    run(bn, 3 * xs[part], mask[part], probe[part])  # a first step
     torch.save(run(bn, xs[part], mask[part], probe[part]), f"{out}.{rank}")
     dist.barrier()  # neither rank closes its gloo pairs while the other still uses them
     dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, momentum):
+    args = (2, str(tmp_path / "init"), str(tmp_path / "out"), momentum)
+    mp.spawn(_worker, args=args, nprocs=2)
     ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
 
     torch.manual_seed(0)
-    bn = MaskedBatchNorm(C, sync=False)
+    bn = MaskedBatchNorm(C, sync=False, momentum=momentum)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
-    ys, xgrad, wgrad, mean, var = run(bn, *inputs())
+    xs, mask, probe = inputs()
+    run(bn, 3 * xs, mask, probe)
+    ys, xgrad, wgrad, mean, var = run(bn, xs, mask, probe)
 
     assert torch.allclose(torch.cat([r[0] for r in ranks]), ys, atol=1e-5)
     assert torch.allclose(torch.cat([r[1] for r in ranks]), xgrad, atol=1e-5)
@@ -151,7 +156,7 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
         assert torch.allclose(r[3], mean, atol=1e-6)
         assert torch.allclose(r[4], var, atol=1e-5)
     # and without the reduction the ranks would disagree with the whole batch
-    local = MaskedBatchNorm(C, sync=False)
-    xs, mask, _ = inputs()
+    local = MaskedBatchNorm(C, sync=False, momentum=momentum)
+    local(3 * xs[:2], mask[:2])
     local(xs[:2], mask[:2])
     assert not torch.allclose(local.running_mean, mean, atol=1e-3)

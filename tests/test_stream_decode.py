@@ -62,7 +62,8 @@ def model_dir(tmp_path_factory):
     args = parse(tmp, streaming_config(tmp))
     torch.manual_seed(0)
     model = ASRTask.build_model(args)
-    warm_up(model.encoder)
+    # without dropout: the greedy paths checked below are the same on every torch
+    warm_up(model.encoder, dropout=False)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(3)
         weight = model.ctc.ctc_lo.weight

@@ -75,13 +75,28 @@ def test_chunks_do_not_see_the_future():
 
 
 def test_full_context_model_is_unchanged_by_streaming_options():
-    encoder = warm_up(make_encoder(causal=True))
+    """Dynamic chunk training changes training batches only where it draws a
+    chunk; full-context draws and eval (chunk_size 0) equal the plain model."""
+    import random
+
+    conf = dict(causal=True, dropout_rate=0.0, positional_dropout_rate=0.0)
+    plain, dynamic = warm_up(make_encoder(**conf)), warm_up(make_encoder(**conf))
+    dynamic.dynamic_chunk_training = True
     xs, ilens = batch([80, 50])
-    encoder.train()
-    encoder.dynamic_chunk_training = True
-    ys, olens, _ = encoder(xs, ilens)
-    ys.sum().backward()
-    assert torch.isfinite(ys).all()
+    with torch.no_grad():
+        assert torch.equal(plain(xs, ilens)[0], dynamic(xs, ilens)[0])
+    plain.train(), dynamic.train()
+    frames = plain(xs, ilens)[0].size(1)
+    seen = set()
+    for seed in range(12):
+        random.seed(seed)
+        chunk, _ = sample_chunk(frames, dynamic.max_dynamic_chunk, 1, False)
+        random.seed(seed)
+        ys = dynamic(xs, ilens)[0]
+        same = torch.allclose(ys, plain(xs, ilens)[0], atol=1e-5)
+        assert same == (chunk == 0)
+        seen.add(chunk == 0)
+    assert seen == {True, False}  # both kinds of batches were drawn
 
 
 def test_bad_streaming_input_is_rejected():

@@ -41,7 +41,8 @@ STREAMING = dict(
 
 
 def encoder_sizes(conf: Dict) -> Dict:
-    """The sizes every encoder of a comparison shares."""
+    """The sizes and options every encoder of a comparison shares (ESPnet's
+    Conformer recipes: macaron, latest relative positions, Swish, pre-LN)."""
     return dict(
         output_size=conf["output_size"],
         attention_heads=conf["attention_heads"],
@@ -50,6 +51,12 @@ def encoder_sizes(conf: Dict) -> Dict:
         cnn_module_kernel=conf["cnn_module_kernel"],
         input_layer=conf["input_layer"],
         macaron_style=True,
+        rel_pos_type="latest",
+        pos_enc_layer_type="rel_pos",
+        selfattention_layer_type="rel_selfattn",
+        activation_type="swish",
+        use_cnn_module=True,
+        normalize_before=True,
     )
 
 
@@ -83,12 +90,6 @@ def espnet_conformer(conf: Dict, **extra) -> torch.nn.Module:
     torch.manual_seed(conf["seed"])
     return ConformerEncoder(
         conf["input_size"],
-        rel_pos_type="latest",
-        pos_enc_layer_type="rel_pos",
-        selfattention_layer_type="rel_selfattn",
-        activation_type="swish",
-        use_cnn_module=True,
-        normalize_before=True,
         **encoder_sizes(conf),
         **extra,
     ).eval()
@@ -169,15 +170,19 @@ def streaming_models(conf: Dict) -> Dict[str, torch.nn.Module]:
     from espnet_fusionformer import fuse
 
     torch.manual_seed(conf["seed"])
+    # its own absolute block positions: only the sizes and shared options it takes
+    accepted = inspect.signature(ContextualBlockConformerEncoder.__init__).parameters
+    shared = {
+        k: v
+        for k, v in encoder_sizes(conf).items()
+        if k in accepted and k != "selfattention_layer_type"
+    }
     cbc = ContextualBlockConformerEncoder(
         conf["input_size"],
         block_size=STREAMING["block_size"],
         hop_size=STREAMING["hop_size"],
         look_ahead=STREAMING["look_ahead"],
-        normalize_before=True,
-        activation_type="swish",
-        use_cnn_module=True,
-        **encoder_sizes(conf),
+        **shared,
     ).eval()
     chunks = dict(
         causal=True,

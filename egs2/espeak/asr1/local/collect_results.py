@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plot_curves import label_of, parse_log, plot  # noqa: E402
+from plot_curves import label_of, parse_log, plot, system_of  # noqa: E402
 from show_asr_result import main as show_environment  # noqa: E402
 from show_asr_result import sum_avg, tables  # noqa: E402
 
@@ -85,6 +85,56 @@ def describe(exp: Path) -> dict:
     }
 
 
+def spread(values: list[float], digits: int = 1) -> str:
+    """``mean ± std [min-max] (n)`` of the finite values."""
+    xs = [v for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return "n/a"
+    mean = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{mean:.{digits}f} (1 run)"
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return (
+        f"{mean:.{digits}f} ± {std:.{digits}f} "
+        f"[{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
+    )
+
+
+def error_rate(d: dict, dset: str, kind: str) -> float:
+    nums = d["scores"].get((dset, kind))
+    return nums[6] if nums else float("nan")
+
+
+def seed_table(systems: list[dict]) -> list[str]:
+    """One row per system: mean ± sample std [min-max] over its seeds."""
+    groups: dict[str, list[dict]] = {}
+    for s in systems:
+        groups.setdefault(system_of(s["label"]), []).append(s)
+    lines = [
+        "|system|seeds|epochs|train time / epoch (min)|best valid acc|dev CER|"
+        "test CER|dev WER|test WER|diverged?|",
+        "|" + "---|" * 10,
+    ]
+    for name, runs in groups.items():
+        cells = [
+            spread([r["time"] / 60 / max(r["epochs"], 1) for r in runs], 2),
+            spread([r["best_acc"] for r in runs], 3),
+            *(
+                spread([error_rate(r, dset, kind) for r in runs])
+                for kind in ("cer", "wer")
+                for dset in ("dev", "test")
+            ),
+        ]
+        epochs = sorted({r["epochs"] for r in runs})
+        diverged = sum(r["diverged"] != "no" for r in runs)
+        lines.append(
+            f"|{name}|{len(runs)}|{'/'.join(map(str, epochs))}|"
+            + "|".join(cells)
+            + f"|{diverged} of {len(runs)}|"
+        )
+    return lines
+
+
 def fmt(x: float, digits: int = 2) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
@@ -138,6 +188,12 @@ def main(argv=None) -> None:
     lines.append(
         "- errors: Err% (Sub/Del/Ins) of the Sum/Avg line of score_*/result.txt\n"
     )
+    lines.append(
+        "Per system, over its seeds: mean ± sample standard deviation "
+        "[min-max]; error rates in %.\n"
+    )
+    lines += seed_table(systems)
+    lines.append("\nPer run:\n")
     lines.append(
         "|system|encoder|normalization|params|epochs|train time|final train loss"
         "|final valid loss|valid acc (last/best)|diverged?|dev CER|test CER"

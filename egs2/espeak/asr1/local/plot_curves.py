@@ -59,6 +59,11 @@ def label_of(exp: Path) -> str:
     return re.sub(r"_raw_.*$", "", name)
 
 
+def system_of(label: str) -> str:
+    """``conformer_seed2`` -> ``conformer``: the runs of one system."""
+    return re.sub(r"_seed\d+$", "", label)
+
+
 def plot(exps: list[Path], out: Path, title: str | None = None) -> None:
     import matplotlib
 
@@ -72,21 +77,33 @@ def plot(exps: list[Path], out: Path, title: str | None = None) -> None:
         (axes[1][0], "train", "acc", "train accuracy (attention decoder)"),
         (axes[1][1], "valid", "acc", "valid accuracy (attention decoder)"),
     ]
+    colors: dict[str, str] = {}  # one colour per system; its seeds share it
     for exp in exps:
         epochs = parse_log(exp / "train.log")
         if not epochs:
             continue
-        label = label_of(exp)
+        system = system_of(label_of(exp))
+        label = None if system in colors else system
+        colors.setdefault(system, f"C{len(colors)}")
         bad = any(
             not math.isfinite(epochs[e].get(s, {}).get("loss", 0.0))
             for e in epochs
             for s in ("train", "valid")
         )
         if bad:
-            label += " (non-finite loss)"
+            label = f"{label_of(exp)} (non-finite loss)"
         for ax, sec, key, _ in panels:
             xs, ys = series(epochs, sec, key)
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            ax.plot(
+                xs,
+                ys,
+                color=colors[system],
+                marker="o",
+                markersize=2,
+                lw=1,
+                alpha=0.8,
+                label=label,
+            )
     for ax, _sec, key, name in panels:
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
