@@ -24,6 +24,10 @@ EXTRAS = {
     # the tests skip the ONNX Runtime checks there); espnet >= 202509 needs numpy 2,
     # which onnxruntime supports from 1.19.
     "export": [ONNX, "onnxruntime>=1.19"],
+    # int8 deploy (espnet_fusionformer.quantize): ONNX Runtime's dynamic quantization
+    # of the exported fused encoder; fusionformer-int8-cer scores with ESPnet's
+    # editdistance dependency
+    "int8": [ONNX, "onnxruntime>=1.19"],
     # the benchmark's chart (it times ONNX Runtime too where "export" is installed)
     "bench": ["matplotlib>=3.7"],
     # the recipe's Hugging Face upload (stage 15)
@@ -97,6 +101,7 @@ setup(
         "console_scripts": [
             "fusionformer-bench=espnet_fusionformer.bench:main",
             "fusionformer-export=espnet_fusionformer.export:main",
+            "fusionformer-int8-cer=espnet_fusionformer.quantize:main",
             "fusionformer-stream-decode=espnet_fusionformer.stream_decode:main",
         ]
     },

@@ -20,10 +20,12 @@ CLI::
     python -m espnet_fusionformer.export \\
         --asr_train_config exp/asr_train/config.yaml \\
         --asr_model_file exp/asr_train/valid.acc.ave.pth \\
-        --outdir exported/ [--format onnx torchscript] [--opset 17]
+        --outdir exported/ [--format onnx torchscript] [--opset 17] [--int8]
 
 writes ``encoder.onnx`` / ``encoder.pt`` and ``encoder.json`` (sizes, subsampling,
-frontend/normalize of the training config).
+frontend/normalize of the training config); ``--int8`` also writes
+``encoder.int8.onnx``, the ONNX file with int8 weight matmuls (ONNX Runtime's
+dynamic quantization, see ``espnet_fusionformer.quantize``).
 """
 
 import argparse
@@ -435,6 +437,12 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write encoder.int8.onnx (ONNX Runtime dynamic int8 quantization "
+        "of encoder.onnx)",
+    )
+    parser.add_argument(
         "--no-verify",
         dest="verify",
         action="store_false",
@@ -479,6 +487,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             encoder, outdir / "encoder.onnx", args.opset, args.verify, ctc
         ).name
         logging.info("wrote %s", outdir / files["onnx"])
+    if args.int8:
+        from espnet_fusionformer.quantize import quantize_onnx
+
+        source = outdir / "encoder.onnx"
+        if "onnx" not in args.format:  # quantize a temporary float export
+            source = export_onnx(encoder, outdir / "encoder.float.onnx", args.opset)
+        files["int8"] = quantize_onnx(source, outdir / "encoder.int8.onnx").name
+        if "onnx" not in args.format:
+            source.unlink()
+        logging.info("wrote %s", outdir / files["int8"])
     if "torchscript" in args.format:
         files["torchscript"] = export_torchscript(
             encoder, outdir / "encoder.pt", args.verify, ctc
@@ -497,7 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             encoded_lengths="int64 (batch,)",
         ),
         files=files,
-        opset=args.opset if "onnx" in args.format else None,
+        opset=args.opset if "onnx" in args.format or args.int8 else None,
         frontend=conf.get("frontend"),
         frontend_conf=conf.get("frontend_conf"),
         normalize=conf.get("normalize"),
