@@ -26,6 +26,7 @@ The positional tables are copied at their current length (``max_pos_emb_len``,
 5000 output frames by default); a chunk that needs positions beyond them raises.
 """
 
+import copy
 from typing import List, Optional, Tuple
 
 import torch
@@ -394,6 +395,8 @@ class ScriptableChunkEncoder(torch.nn.Module):
         encoder: a ``FusionFormerEncoder`` in eval mode (fused here unless it is);
             it must be able to stream (a causal convolution module, ...).
 
+    The module holds a fused copy of the encoder's weights, without gradients.
+
     Raises:
         ValueError: for an encoder that cannot stream (see
             ``FusionFormerEncoder.streaming_obstacle``) or with
@@ -406,6 +409,8 @@ class ScriptableChunkEncoder(torch.nn.Module):
         from espnet_fusionformer.export import fused_encoder
 
         fused = fused_encoder(encoder)
+        if fused is encoder:  # already fused: share nothing with the caller's model
+            fused = copy.deepcopy(encoder)
         obstacle = fused.streaming_obstacle()
         if obstacle is not None:
             raise ValueError(f"cannot script forward_chunk: {obstacle}")
@@ -431,7 +436,8 @@ class ScriptableChunkEncoder(torch.nn.Module):
         self.pos_enc = _Positions(embed.pos_enc)
         self.encoders = torch.nn.ModuleList([_Block(b) for b in fused.encoders])
         self.after_norm = _norm(fused.after_norm)
-        self.eval()
+        # inference only: no autograd (the fused layers apply ReLU in place)
+        self.requires_grad_(False).eval()
 
     @torch.jit.export
     def subsampling_rate(self) -> int:

@@ -192,7 +192,8 @@ def test_scripted_forward_chunk_equals_eager_chunk_by_chunk(
             ref, ref_att, ref_cnn = encoder.forward_chunk(
                 chunk, offset, required, ref_att, ref_cnn
             )
-            ys, att, cnn = scripted.forward_chunk(chunk, offset, required, att, cnn)
+        # (gradients on: the deploy module needs no torch.no_grad())
+        ys, att, cnn = scripted.forward_chunk(chunk, offset, required, att, cnn)
         assert ys.shape == ref.shape
         assert (ys - ref).abs().max() < 1e-4, f"chunk {chunks}"
         offset += ys.size(1)
