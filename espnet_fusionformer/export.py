@@ -25,7 +25,11 @@ CLI::
 writes ``encoder.onnx`` / ``encoder.pt`` and ``encoder.json`` (sizes, subsampling,
 frontend/normalize of the training config); ``--int8`` also writes
 ``encoder.int8.onnx``, the ONNX file with int8 weight matmuls (ONNX Runtime's
-dynamic quantization, see ``espnet_fusionformer.quantize``).
+dynamic quantization, see ``espnet_fusionformer.quantize``). ``--format
+torchscript_stream`` (a causal model) writes ``encoder_stream.pt``, the scripted
+``forward_chunk`` with explicit caches (WeNet's runtime convention, see
+``espnet_fusionformer.script``), checked against the eager ``forward_chunk`` chunk by
+chunk (1e-4).
 """
 
 import argparse
@@ -261,6 +265,129 @@ def export_torchscript(
     return path
 
 
+# -- TorchScript, streaming -----------------------------------------------------------
+# chunk settings the streaming export is checked with, beside the encoder's own
+STREAM_CHECK_FRAMES = 203  # input frames of the check utterance
+STREAM_CHECK_ATOL = 1e-4
+
+
+def stream_windows(
+    frames: int, chunk_size: int, rate: int, context: int
+) -> List[Tuple[int, int]]:
+    """``(start, end)`` input windows of consecutive chunks of ``chunk_size`` output
+    frames (as ``streaming.encode_chunk_by_chunk``): they overlap by the
+    subsampling's receptive field."""
+    window, stride = (chunk_size - 1) * rate + context, chunk_size * rate
+    return [
+        (start, min(start + window, frames))
+        for start in range(0, frames - context + 1, stride)
+    ]
+
+
+def check_stream(
+    eager: torch.nn.Module,
+    scripted: torch.nn.Module,
+    chunk_size: int,
+    left_chunks: int = -1,
+    frames: int = STREAM_CHECK_FRAMES,
+    seed: int = 0,
+    atol: float = STREAM_CHECK_ATOL,
+    what: str = "streaming TorchScript",
+) -> float:
+    """Run ``scripted.forward_chunk`` and the eager ``eager.forward_chunk`` side by
+    side, chunk by chunk, on one random utterance.
+
+    Returns:
+        The largest absolute difference of outputs and caches.
+
+    Raises:
+        RuntimeError: on a shape mismatch or a difference beyond ``atol``.
+    """
+    embed = eager.embed
+    tokens = bool(embed.takes_tokens)
+    xs, _ = example_inputs(eager.input_size, [frames], seed=seed, tokens=tokens)
+    required = chunk_size * left_chunks if left_chunks >= 0 else -1
+    empty = torch.zeros(0, 0, 0, 0)
+    ref_att = ref_cnn = out_att = out_cnn = empty
+    offset, worst = 0, 0.0
+    windows = stream_windows(frames, chunk_size, embed.rate(), embed.min_input_length())
+    for n, (start, end) in enumerate(windows):
+        chunk = xs[:, start:end]
+        with torch.no_grad():
+            ref, ref_att, ref_cnn = eager.forward_chunk(
+                chunk, offset, required, ref_att, ref_cnn
+            )
+            out, out_att, out_cnn = scripted.forward_chunk(
+                chunk, offset, required, out_att, out_cnn
+            )
+        for name, a, b in (
+            ("output", out, ref),
+            ("att_cache", out_att, ref_att),
+            ("cnn_cache", out_cnn, ref_cnn),
+        ):
+            if a.shape != b.shape:
+                raise RuntimeError(
+                    f"{what}: chunk {n}: {name} of shape {tuple(a.shape)} differs "
+                    f"from eager's {tuple(b.shape)}"
+                )
+            diff = float((a - b).abs().max()) if a.numel() else 0.0
+            worst = max(worst, diff)
+            if diff > atol:
+                raise RuntimeError(
+                    f"{what}: chunk {n}: {name} differs from eager forward_chunk by "
+                    f"{diff:.3g} (chunk_size {chunk_size}, left_chunks {left_chunks})"
+                )
+        offset += ref.size(1)
+    return worst
+
+
+def stream_check_settings(encoder: torch.nn.Module) -> List[Tuple[int, int]]:
+    """``(chunk_size, left_chunks)`` the streaming export is checked with: the
+    encoder's own (16 frames if it has none), one frame, and limited left
+    context."""
+    chunk = encoder.chunk_size if encoder.chunk_size > 0 else 16
+    settings = [(chunk, encoder.left_chunks), (1, -1), (4, 2)]
+    return list(dict.fromkeys(settings))
+
+
+def export_torchscript_stream(
+    encoder: torch.nn.Module, path, verify: bool = True
+) -> Path:
+    """Script the encoder's streaming path and save it with ``torch.jit.save``.
+
+    The saved module is a :class:`~espnet_fusionformer.script.ScriptableChunkEncoder`:
+    ``ys, att_cache, cnn_cache = module.forward_chunk(xs, offset,
+    required_cache_size, att_cache, cnn_cache)`` (WeNet's interface; start with
+    ``torch.zeros(0, 0, 0, 0)`` caches), plus ``subsampling_rate()`` and
+    ``right_context()``.
+
+    Args:
+        encoder: a causal ``FusionFormerEncoder`` in eval mode (fused here if it
+            is not).
+        path: output file (``.pt``).
+        verify: load the saved file and compare it with the eager
+            ``forward_chunk``, chunk by chunk (outputs and caches, 1e-4), for the
+            settings of :func:`stream_check_settings`.
+
+    Raises:
+        ValueError: if the encoder cannot stream.
+    """
+    from espnet_fusionformer.script import ScriptableChunkEncoder
+
+    fused = fused_encoder(encoder)
+    scripted = torch.jit.script(ScriptableChunkEncoder(fused))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(scripted, str(path))
+    if verify:
+        loaded = torch.jit.load(str(path))
+        for chunk, left in stream_check_settings(fused):
+            check_stream(
+                fused, loaded, chunk, left, what=f"streaming TorchScript {path}"
+            )
+    return path
+
+
 # -- ONNX --------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet_stdout():
@@ -418,6 +545,30 @@ def describe(encoder: torch.nn.Module) -> Dict:
     return info
 
 
+def describe_stream(encoder: torch.nn.Module) -> Dict:
+    """How to drive ``encoder_stream.pt``, for ``encoder.json``."""
+    embed = encoder.embed
+    conv = encoder.encoders[0].conv_module
+    rate, context = embed.rate(), embed.min_input_length()
+    return dict(
+        call="ys, att_cache, cnn_cache = module.forward_chunk(xs, offset, "
+        "required_cache_size, att_cache, cnn_cache)",
+        chunk_size=encoder.chunk_size,
+        left_chunks=encoder.left_chunks,
+        subsampling_rate=rate,
+        right_context=context - 1,
+        window="(chunk_size - 1) * subsampling_rate + right_context + 1 input frames, "
+        "stride chunk_size * subsampling_rate",
+        required_cache_size="chunk_size * left_chunks (-1: all)",
+        att_cache=[len(encoder.encoders), encoder.heads(), "frames", 2 * encoder.d_k()],
+        cnn_cache=[len(encoder.encoders), 1, conv.lorder, encoder.output_size()]
+        if conv is not None
+        else [0, 0, 0, 0],
+        initial_caches="torch.zeros(0, 0, 0, 0)",
+        max_output_frames=embed.pos_enc.max_length(),
+    )
+
+
 # -- CLI ---------------------------------------------------------------------------
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -431,9 +582,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format",
         nargs="+",
-        choices=["onnx", "torchscript"],
+        choices=["onnx", "torchscript", "torchscript_stream"],
         default=["onnx", "torchscript"],
-        help="what to write (default: both)",
+        help="what to write (default: onnx and torchscript); torchscript_stream: "
+        "encoder_stream.pt, the scripted forward_chunk of a causal model",
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument(
@@ -475,6 +627,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         if getattr(model, extra, None) is not None:
             logging.warning("the model has a %s: it is NOT part of the export", extra)
 
+    if "torchscript_stream" in args.format:
+        obstacle = encoder.streaming_obstacle()
+        if obstacle is None and encoder.interctc_use_conditioning:
+            obstacle = "interctc_use_conditioning needs the CTC inside the encoder"
+        if obstacle is not None:
+            raise SystemExit(f"--format torchscript_stream: {obstacle}")
+
     # as ESPnetASRModel.encode: the encoder reads the CTC for these options
     ctc = None
     if encoder.interctc_use_conditioning or encoder.ctc_trim:
@@ -502,8 +661,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             encoder, outdir / "encoder.pt", args.verify, ctc
         ).name
         logging.info("wrote %s", outdir / files["torchscript"])
+    if "torchscript_stream" in args.format:
+        files["torchscript_stream"] = export_torchscript_stream(
+            encoder, outdir / "encoder_stream.pt", args.verify
+        ).name
+        logging.info("wrote %s", outdir / files["torchscript_stream"])
 
     info = describe(encoder)
+    if "torchscript_stream" in args.format:
+        info["streaming"] = describe_stream(encoder)
     conf = vars(train_args)
     info.update(
         inputs=dict(

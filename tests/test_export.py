@@ -171,3 +171,61 @@ def test_cli_only_onnx(tmp_path):
     )
     assert (tmp_path / "out" / "encoder.onnx").exists()
     assert not (tmp_path / "out" / "encoder.pt").exists()
+
+
+def _saved_asr_model(tmp_path, **encoder_conf):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(asr_config(**encoder_conf)))
+    args = ASRTask.get_parser().parse_args(["--config", str(config)])
+    torch.manual_seed(0)
+    model = ASRTask.build_model(args)
+    warm_up(model.encoder)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(vars(args)))
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    return model, [
+        "--asr_train_config",
+        str(tmp_path / "train.yaml"),
+        "--asr_model_file",
+        str(tmp_path / "model.pth"),
+        "--outdir",
+        str(tmp_path / "out"),
+    ]
+
+
+def test_cli_streaming_torchscript(tmp_path):
+    """``--format torchscript_stream`` writes the scripted ``forward_chunk``
+    (checked at export), which runs chunk by chunk like the eager encoder."""
+    model, argv = _saved_asr_model(tmp_path, causal=True, chunk_size=4, left_chunks=2)
+    info = main([*argv, "--format", "torchscript_stream"])
+    out = tmp_path / "out"
+    assert info["files"] == {"torchscript_stream": "encoder_stream.pt"}
+    assert not (out / "encoder.pt").exists() and not (out / "encoder.onnx").exists()
+    stream = json.loads((out / "encoder.json").read_text())["streaming"]
+    assert stream["chunk_size"] == 4 and stream["left_chunks"] == 2
+    assert stream["subsampling_rate"] == 4 and stream["right_context"] == 6
+    assert stream["cnn_cache"] == [2, 1, 6, TINY["output_size"]]
+
+    module = torch.jit.load(str(out / "encoder_stream.pt"))
+    encoder = fuse(model.encoder.eval())
+    xs, _ = batch([100], seed=3)
+    empty = torch.zeros(0, 0, 0, 0)
+    att, cnn, ref_att, ref_cnn = empty, empty, empty, empty
+    offset = 0
+    for start in range(0, 100 - 7 + 1, 16):  # chunks of 4 output frames
+        chunk = xs[:, start : start + 19]
+        with torch.no_grad():
+            ys, att, cnn = module.forward_chunk(chunk, offset, 8, att, cnn)
+            ref, ref_att, ref_cnn = encoder.forward_chunk(
+                chunk, offset, 8, ref_att, ref_cnn
+            )
+        np.testing.assert_allclose(ys.numpy(), ref.numpy(), atol=1e-4)
+        offset += ys.size(1)
+    np.testing.assert_allclose(att.numpy(), ref_att.numpy(), atol=1e-4)
+    np.testing.assert_allclose(cnn.numpy(), ref_cnn.numpy(), atol=1e-4)
+
+
+def test_cli_streaming_torchscript_refuses_a_full_context_model(tmp_path):
+    _, argv = _saved_asr_model(tmp_path)  # causal: false
+    with pytest.raises(SystemExit, match="torchscript_stream.*causal"):
+        main([*argv, "--format", "torchscript_stream"])
+    assert not (tmp_path / "out" / "encoder_stream.pt").exists()

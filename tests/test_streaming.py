@@ -1,10 +1,13 @@
-"""Streaming: chunk masks, chunk-by-chunk encoding with caches, bad streaming input."""
+"""Streaming: chunk masks, chunk-by-chunk encoding with caches, bad streaming input,
+the scripted (TorchScript) forward_chunk."""
 
 import pytest
 import torch
 from conftest import FEATS, batch, make_encoder, warm_up
 
 from espnet_fusionformer import fuse
+from espnet_fusionformer.export import check_stream, export_torchscript_stream
+from espnet_fusionformer.script import ScriptableChunkEncoder
 from espnet_fusionformer.streaming import (
     chunk_mask,
     encode_chunk_by_chunk,
@@ -133,3 +136,125 @@ def test_fused_copy_follows_chunk_settings_changed_in_eval():
         expected = encode_chunk_by_chunk(encoder, xs, 4)
     assert not torch.allclose(full, chunked, atol=1e-3)
     assert (chunked - expected).abs().max() < 1e-4
+
+
+# -- the scripted forward_chunk (TorchScript, WeNet's runtime convention) ----------
+SCRIPTED_CONFS = {
+    "fusion": {},
+    "layernorm-abs-qknorm": dict(
+        normalization="layernorm",
+        pos_enc_layer_type="abs_pos",
+        selfattention_layer_type="selfattn",
+        qk_norm=True,
+        concat_after=True,
+    ),
+    "batchnorm-legacy-conv2d6": dict(
+        normalization="batchnorm_in_place",
+        rel_pos_type="legacy",
+        macaron_style=False,
+        input_layer="conv2d6",
+    ),
+    "linear-input-no-cnn": dict(
+        input_layer="linear",
+        pos_enc_layer_type="scaled_abs_pos",
+        selfattention_layer_type="selfattn",
+        use_cnn_module=False,
+    ),
+}
+
+
+def scripted_round_trip(encoder, path):
+    """``torch.jit.script`` of the chunk encoder, saved and loaded back."""
+    torch.jit.save(torch.jit.script(ScriptableChunkEncoder(encoder)), str(path))
+    return torch.jit.load(str(path))
+
+
+@pytest.mark.parametrize("conf", list(SCRIPTED_CONFS), ids=list(SCRIPTED_CONFS))
+@pytest.mark.parametrize("chunk_size,left_chunks", [(4, 2), (16, -1), (1, -1)])
+def test_scripted_forward_chunk_equals_eager_chunk_by_chunk(
+    conf, chunk_size, left_chunks, tmp_path
+):
+    encoder = fuse(streaming_encoder(**SCRIPTED_CONFS[conf]))
+    scripted = scripted_round_trip(encoder, tmp_path / "encoder_stream.pt")
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    rate, context = encoder.embed.rate(), encoder.embed.min_input_length()
+    assert scripted.subsampling_rate() == rate
+    assert scripted.right_context() == context - 1
+    xs, _ = batch([200], seed=8)
+    window, stride = (chunk_size - 1) * rate + context, chunk_size * rate
+    required = chunk_size * left_chunks if left_chunks >= 0 else -1
+    empty = torch.zeros(0, 0, 0, 0)
+    att, cnn, ref_att, ref_cnn = empty, empty, empty, empty
+    offset, chunks = 0, 0
+    for start in range(0, xs.size(1) - context + 1, stride):
+        chunk = xs[:, start : start + window]
+        with torch.no_grad():
+            ref, ref_att, ref_cnn = encoder.forward_chunk(
+                chunk, offset, required, ref_att, ref_cnn
+            )
+        # (gradients on: the deploy module needs no torch.no_grad())
+        ys, att, cnn = scripted.forward_chunk(chunk, offset, required, att, cnn)
+        assert ys.shape == ref.shape
+        assert (ys - ref).abs().max() < 1e-4, f"chunk {chunks}"
+        offset += ys.size(1)
+        chunks += 1
+    assert chunks >= 2
+    assert att.shape == ref_att.shape and cnn.shape == ref_cnn.shape
+    if required >= 0:
+        assert att.size(2) == min(offset, required)
+    assert (att - ref_att).abs().max() < 1e-4
+    if cnn.numel():
+        assert (cnn - ref_cnn).abs().max() < 1e-4
+    # the calling module (forward) is forward_chunk too
+    with torch.no_grad():
+        ys, _, _ = scripted(xs[:, :window], 0, required, empty, empty)
+        first, _, _ = encoder.forward_chunk(xs[:, :window], 0, required, empty, empty)
+    assert (ys - first).abs().max() < 1e-4
+
+
+def test_scripted_chunk_encoder_refuses_what_cannot_stream():
+    with pytest.raises(ValueError, match="causal convolution"):
+        ScriptableChunkEncoder(warm_up(make_encoder()))
+    with pytest.raises(ValueError, match="conv1d.*cannot stream"):
+        ScriptableChunkEncoder(streaming_encoder(positionwise_layer_type="conv1d"))
+    with pytest.raises(ValueError, match="ctc_trim"):
+        ScriptableChunkEncoder(streaming_encoder(ctc_trim=True))
+    conditioned = make_encoder(
+        causal=True, interctc_layer_idx=[1], interctc_use_conditioning=True
+    ).eval()  # (warm_up would need a CTC)
+    with pytest.raises(ValueError, match="interctc_use_conditioning"):
+        ScriptableChunkEncoder(conditioned)
+    with pytest.raises(RuntimeError, match="training mode"):
+        ScriptableChunkEncoder(make_encoder(causal=True).train())
+
+
+def test_scripted_forward_chunk_rejects_bad_chunks():
+    scripted = torch.jit.script(ScriptableChunkEncoder(streaming_encoder()))
+    xs, _ = batch([40])
+    empty = torch.zeros(0, 0, 0, 0)
+    _, att, cnn = scripted.forward_chunk(xs[:, :19], 0, -1, empty, empty)
+    error = torch.jit.Error  # TorchScript re-raises its exceptions as this
+    with pytest.raises(error, match="one utterance"):
+        scripted.forward_chunk(torch.randn(2, 19, FEATS), 4, -1, att, cnn)
+    with pytest.raises(error, match="feature size"):
+        scripted.forward_chunk(torch.randn(1, 19, FEATS + 1), 4, -1, att, cnn)
+    with pytest.raises(error, match="offset does not match"):
+        scripted.forward_chunk(xs[:, 16:35], 7, -1, att, cnn)
+    with pytest.raises(error, match="cnn_cache is not from this model"):
+        scripted.forward_chunk(xs[:, 16:35], 4, -1, att, cnn[:, :, 1:])
+
+
+def test_streaming_torchscript_export_is_checked(tmp_path):
+    encoder = streaming_encoder(chunk_size=4, left_chunks=1)
+    path = export_torchscript_stream(encoder, tmp_path / "encoder_stream.pt")
+    loaded = torch.jit.load(str(path))
+    fused = fuse(encoder)
+    assert check_stream(fused, loaded, 4, 1) < 1e-4
+    # the export-time check catches a scripted model that drifts from eager
+    with torch.no_grad():
+        next(loaded.parameters()).add_(1e-2)
+    with pytest.raises(RuntimeError, match="differs from eager forward_chunk"):
+        check_stream(fused, loaded, 4, 1)
+    with pytest.raises(ValueError, match="causal convolution"):
+        export_torchscript_stream(warm_up(make_encoder()), tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
