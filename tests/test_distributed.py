@@ -4,7 +4,7 @@
 import shutil
 
 import torch
-from conftest import asr_train_args, espnet
+from conftest import asr_config, asr_train_args, espnet
 
 
 def close(a: dict, b: dict, atol: float) -> bool:
@@ -13,8 +13,9 @@ def close(a: dict, b: dict, atol: float) -> bool:
     )
 
 
-def test_two_ranks_end_with_identical_weights_and_statistics(tiny_data, tmp_path):
-    args = asr_train_args(tmp_path, tiny_data, tmp_path / "asr")
+def test_synced_ranks_end_with_identical_weights_and_statistics(tiny_data, tmp_path):
+    synced = asr_config(sync_batchnorm=True)["encoder_conf"]
+    args = asr_train_args(tmp_path, tiny_data, tmp_path / "asr", encoder_conf=synced)
     espnet(
         "_capture_model",
         str(tmp_path),

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from espnet_fusionformer import FusionFormerEncoder, fuse
 from espnet_fusionformer.blocks import ConvModule
+from espnet_fusionformer.norm import MaskedBatchNorm
 
 NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)
 
@@ -383,3 +384,13 @@ def test_training_step_never_synchronizes_device_and_host(conf):
             ys, olens, _ = encoder(xs, ilens)
             (ys * (olens > 0)[:, None, None]).sum().backward()
     assert mode.calls == []
+
+
+@pytest.mark.parametrize("option", [False, True, None])
+def test_sync_batchnorm_reaches_every_batchnorm_and_is_off_by_default(option):
+    default = make_encoder()
+    norms = [m for m in default.modules() if isinstance(m, MaskedBatchNorm)]
+    assert norms and all(m.sync is False for m in norms)
+    encoder = make_encoder(sync_batchnorm=option)
+    norms = [m for m in encoder.modules() if isinstance(m, MaskedBatchNorm)]
+    assert norms and all(m.sync is option for m in norms)
