@@ -24,14 +24,29 @@ from plot_curves import label_of, parse_log, plot, system_of  # noqa: E402
 from show_asr_result import main as show_environment  # noqa: E402
 from show_asr_result import sum_avg, tables  # noqa: E402
 
+EPOCH_TIME = re.compile(r"(\d+)epoch results: \[train\].*?\btime=([^,]+),")
+
+
+def seconds(text: str) -> float:
+    """ESPnet's humanfriendly duration ("6 minutes and 59.98 seconds") in seconds."""
+    units = {"hour": 3600.0, "minute": 60.0, "second": 1.0}
+    found = re.findall(r"([\d.]+) (hour|minute|second)s?", text)
+    if not found:
+        raise ValueError(f"not a duration: {text!r}")
+    return sum(float(n) * units[u] for n, u in found)
+
 
 def train_time(exp: Path) -> float:
-    total = 0.0
+    """Seconds of training: run.pl's accounting lines, else the sum of the
+    trainer's per-epoch training times (a run launched without run.pl)."""
+    total, epochs = 0.0, {}
     for log in [exp / "train.log", *exp.glob("train.*.log")]:
         if log.exists():
-            m = re.findall(r"# Accounting: time=(\d+)", log.read_text(errors="replace"))
+            text = log.read_text(errors="replace")
+            m = re.findall(r"# Accounting: time=(\d+)", text)
             total += sum(float(x) for x in m)
-    return total
+            epochs.update((int(e), seconds(t)) for e, t in EPOCH_TIME.findall(text))
+    return total or sum(epochs.values())
 
 
 def describe(exp: Path) -> dict:
