@@ -205,7 +205,9 @@ def test_unknown_encoder_fails_early(recipe_copy, tmp_path):
     conf = recipe_copy / "conf" / "train_bogus.yaml"
     text = (recipe_copy / "conf" / "train_smoke_fusionformer.yaml").read_text()
     conf.write_text(text.replace("encoder: fusionformer", "encoder: nosuchformer"))
-    proc = run(recipe_copy, "--asr_config", "conf/train_bogus.yaml", timeout=120)
+    # generous: the check imports ESPnet, slow on a loaded machine; "early" is the
+    # missing data dir below
+    proc = run(recipe_copy, "--asr_config", "conf/train_bogus.yaml", timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "unknown encoder 'nosuchformer'" in out and "fusionformer" in out
