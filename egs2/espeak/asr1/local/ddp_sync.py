@@ -14,14 +14,14 @@ Needs stages 1-10 of run.sh (the dump and the stats).
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-TRAIN_RESULTS = re.compile(r"(\d+)epoch results: \[train\] (.*?)\[valid\] (.*)")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plot_curves import parse_log  # noqa: E402
 
 
 def train_args(out: Path, config: str) -> list:
@@ -40,21 +40,14 @@ def train_args(out: Path, config: str) -> list:
     return args
 
 
-def value(fields: str, key: str) -> float:
-    match = re.search(rf"\b{key}=([0-9.e+-]+)", fields)
-    if match is None:
-        raise ValueError(f"no {key}= in the trainer's epoch summary: {fields[:200]}")
-    return float(match.group(1))
-
-
 def summary(log: Path) -> dict:
     """Mean ``train_time`` (s per step, rank 0) and last validation accuracy."""
-    rows = [TRAIN_RESULTS.search(line) for line in log.read_text().splitlines()]
-    rows = [r for r in rows if r]
-    if not rows:
+    epochs = parse_log(log)
+    if not epochs:
         raise ValueError(f"{log}: the run ended without an epoch summary")
-    step = sum(value(r.group(2), "train_time") for r in rows) / len(rows)
-    return dict(step=step, acc=value(rows[-1].group(3), "acc"), epochs=len(rows))
+    steps = [epochs[e]["train"]["train_time"] for e in sorted(epochs)]
+    last = epochs[max(epochs)]["valid"]["acc"]
+    return dict(step=sum(steps) / len(steps), acc=last, epochs=len(epochs))
 
 
 def main() -> None:
