@@ -29,6 +29,26 @@ SUBSAMPLING = {
 }
 
 
+def conv2d_as_matmul(conv: torch.nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """``conv`` (square kernel and stride, no padding) as strided slices and one
+    matmul: ``(B, T, F, Cin)`` channels-last -> ``(B, T', F', Cout)``.
+
+    The ONNX form of the subsampling's inner convolutions: ONNX Runtime's dynamic
+    int8 quantizer quantizes ``MatMul`` (its ``ConvInteger`` measured 2x slower
+    than float), so this is what lets int8 cover the model's largest layer
+    (``docs/bench/README.md``); in float it runs as fast as the ``Conv``.
+    """
+    k, s = conv.kernel_size[0], conv.stride[0]
+    t, f = (h.size(1) - k) // s + 1, (h.size(2) - k) // s + 1
+    cols = [
+        h[:, i : i + s * (t - 1) + 1 : s, j : j + s * (f - 1) + 1 : s]
+        for i in range(k)
+        for j in range(k)
+    ]  # k*k views (B, T', F', Cin), in the weight's (kernel row, column) order
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+    return torch.nn.functional.linear(torch.cat(cols, -1), weight, conv.bias)
+
+
 def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     """``(B,)`` lengths -> ``(B, size)`` bool mask, True on valid frames."""
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
@@ -188,9 +208,14 @@ class Conv2dSubsampling(InputLayer):
             h = h.permute(0, 3, 1, 2)  # (B, C, T1, F1) view of channels-last memory
         b = h.size(0)
         lengths = self.output_lengths(lengths)
-        for conv in self.convs:
-            h = conv(h, None)
-        h = h.permute(0, 2, 3, 1)  # (B, T', F', C)
+        if torch.onnx.is_in_onnx_export():  # MatMuls, which int8 quantizes
+            h = h.permute(0, 2, 3, 1)  # (B, T1, F1, C)
+            for conv in self.convs:
+                h = conv2d_as_matmul(conv.layer, h).relu()
+        else:
+            for conv in self.convs:
+                h = conv(h, None)
+            h = h.permute(0, 2, 3, 1)  # (B, T', F', C)
         x = self.out(h.reshape(b, h.size(1), -1), None)  # times the input scale
         return x, valid_mask(lengths, x.size(1))
 

@@ -63,6 +63,25 @@ def test_onnx_matches_pytorch_on_other_lengths(encoder, tmp_path):
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in encoder.modules())
 
 
+@needs_ort
+@pytest.mark.parametrize("input_layer", ["conv2d2", "conv2d6", "conv2d8"])
+def test_onnx_subsampling_convs_as_matmuls_match_pytorch(input_layer, tmp_path):
+    # the inner subsampling convs export as strided slices + MatMul (for int8)
+    encoder = warm_up(make_encoder(input_layer=input_layer))
+    path = export_onnx(encoder, tmp_path / "encoder.onnx")
+    import onnx
+
+    convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    # the first subsampling conv (1 input channel) and the depthwise convs
+    assert len(convs) == 1 + TINY["num_blocks"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(xs, ilens):
+        return session.run(None, {"feats": xs.numpy(), "feats_lengths": ilens.numpy()})
+
+    assert_close(encoder, run)
+
+
 def test_torchscript_matches_pytorch_on_other_lengths(encoder, tmp_path):
     path = export_torchscript(encoder, tmp_path / "encoder.pt")
     module = torch.jit.load(str(path))
