@@ -186,6 +186,33 @@ def test_table_and_chart_are_written(quick_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
+def test_other_processes_cpu_is_measured_and_reported(quick_run):
+    from espnet_fusionformer.bench.cli import OtherLoad
+    from espnet_fusionformer.bench.report import busy_warning
+
+    _, _, result = quick_run
+    assert result["machine"]["other_busy_cores"] is not None
+    # a busy process that is not this one shows up as about one core
+    load = OtherLoad()
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 2: pass"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    import time
+
+    time.sleep(2.5)
+    others = load.stop()  # before wait(): the child's CPU is not ours yet
+    child.wait()
+    assert 0.5 < others < 2.5
+    quiet = busy_warning({"logical_cpus": 2, "other_busy_cores": 0.05})
+    assert "(quiet)" in quiet and "noisy" not in quiet
+    # the measured load wins over a trailing load average
+    loaded = busy_warning({"logical_cpus": 2, "other_busy_cores": 1.2})
+    assert "1.20 of 2 cores" in loaded and "noisy" in loaded
+    stale = {"logical_cpus": 2, "other_busy_cores": 0.0, "loadavg_start": [3.0]}
+    assert "noisy" not in busy_warning(stale)
+    assert "noisy" in busy_warning({"logical_cpus": 2, "loadavg_start": [3.0]})
+
+
 # -- arithmetic ---------------------------------------------------------------------
 def stats(*ms):
     return summarize([m / 1000 for m in ms])

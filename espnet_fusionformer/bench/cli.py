@@ -180,6 +180,39 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def busy_cpu_seconds() -> Optional[float]:
+    """CPU seconds all processes of the machine have used since boot (Linux
+    ``/proc/stat``: user, nice, system, irq, softirq, steal), or ``None``."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """CPU that other processes used while the benchmark ran: ``stop()`` gives
+    their average number of busy cores (``None`` where ``/proc/stat`` is missing)."""
+
+    def __init__(self):
+        self.busy, self.own = busy_cpu_seconds(), own_cpu_seconds()
+        self.wall = time.monotonic()
+
+    def stop(self) -> Optional[float]:
+        busy = busy_cpu_seconds()
+        if busy is None or self.busy is None:
+            return None
+        others = (busy - self.busy) - (own_cpu_seconds() - self.own)
+        return round(max(others, 0.0) / max(time.monotonic() - self.wall, 1e-9), 2)
+
+
 def machine_info() -> Dict:
     info = dict(
         cpu=cpu_model(),
@@ -325,6 +358,7 @@ def run(conf: Dict, stages: Stages) -> Dict:
     """Every stage the options ask for; returns the result dict."""
     started = time.perf_counter()
     machine = machine_info()
+    other_load = OtherLoad()
     old_threads = torch.get_num_threads()
     rows: List[Dict] = []
     result: Dict = dict(exports={}, streaming={}, train={}, static={}, models={})
@@ -380,6 +414,7 @@ def run(conf: Dict, stages: Stages) -> Dict:
         workdir.rmdir()
     with contextlib.suppress(OSError):
         machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["other_busy_cores"] = other_load.stop()
     if not result["models"]:
         result["models"] = dict(
             d_model=None, heads=None, blocks=None, units=None, kernel=None,

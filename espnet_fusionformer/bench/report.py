@@ -56,15 +56,22 @@ def share_cell(row: Dict) -> str:
 
 
 def busy_warning(m: Dict) -> str:
-    loads = [x[0] for x in (m.get("loadavg_start"), m.get("loadavg_end")) if x]
+    """A warning when other processes competed for the cores: measured as the
+    cores they kept busy during the run, else from the 1-min load averages (which
+    trail: a load stopped just before the run still shows at its start)."""
     cpus = m.get("logical_cpus") or 1
+    noisy = (
+        ". **The results are noisy: other processes competed for the cores; "
+        "absolute times are meaningless (the paired ratios in brackets are the "
+        "more robust ones).**"
+    )
+    others = m.get("other_busy_cores")
+    if others is not None:
+        line = f"; other processes kept {others:.2f} of {cpus} cores busy in the run"
+        return line + (noisy if others > 0.25 else " (quiet)")
+    loads = [x[0] for x in (m.get("loadavg_start"), m.get("loadavg_end")) if x]
     if loads and max(loads) > cpus - 0.5:
-        return (
-            f". **The 1-min load average reached {max(loads):.1f} on {cpus} CPUs: "
-            "other processes competed for the cores; absolute times are "
-            "meaningless and the ratios noisy (the paired ratios in brackets are "
-            "the more robust ones).**"
-        )
+        return f"; 1-min load average up to {max(loads):.1f} on {cpus} CPUs" + noisy
     return ""
 
 
