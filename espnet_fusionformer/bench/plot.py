@@ -109,10 +109,16 @@ def plot(result: Dict, path: Path) -> None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     m, info = result["machine"], result["models"]
+    others = m.get("other_busy_cores")
+    load = (
+        f"other processes {others:.2f} cores"
+        if others is not None
+        else f"load {m.get('loadavg_start', ['?'])[0]}"
+    )
     fig.suptitle(
         f"FusionFormer vs ESPnet Conformer (E) and same-code LayerNorm (L), "
         f"{info.get('blocks')} blocks d={info.get('d_model')}; {m['cpu']}, torch "
-        f"{m['torch']}, load {m.get('loadavg_start', ['?'])[0]} — labels: "
+        f"{m['torch']}, {load} — labels: "
         "FusionFormer / baseline (green: target met, red: missed)",
         fontsize=9,
     )
