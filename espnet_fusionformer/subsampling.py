@@ -211,7 +211,8 @@ class Conv2dSubsampling(InputLayer):
         if torch.onnx.is_in_onnx_export():  # MatMuls, which int8 quantizes
             h = h.permute(0, 2, 3, 1)  # (B, T1, F1, C)
             for conv in self.convs:
-                h = conv2d_as_matmul(conv.layer, h).relu()
+                h = conv2d_as_matmul(conv.layer, h)
+                h = h.relu() if conv.relu else h
         else:
             for conv in self.convs:
                 h = conv(h, None)

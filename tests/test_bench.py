@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -197,8 +198,6 @@ def test_other_processes_cpu_is_measured_and_reported(quick_run):
     load = OtherLoad()
     spin = "import time\nt = time.time()\nwhile time.time() - t < 2: pass"
     child = subprocess.Popen([sys.executable, "-c", spin])
-    import time
-
     time.sleep(2.5)
     others = load.stop()  # before wait(): the child's CPU is not ours yet
     child.wait()
