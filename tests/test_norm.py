@@ -1,5 +1,7 @@
 """MaskedBatchNorm: masked statistics, and their reduction across ranks."""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -137,7 +139,14 @@ def _worker(rank: int, world: int, init_file: str, out: str, momentum) -> None:
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, momentum):
     args = (2, str(tmp_path / "init"), str(tmp_path / "out"), momentum)
-    mp.spawn(_worker, args=args, nprocs=2)
+    workers = mp.spawn(_worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not workers.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            # gloo's teardown hung once (torch 2.6) after both ranks had saved
+            for process in workers.processes:
+                process.kill()
+            break
     ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
 
     torch.manual_seed(0)
