@@ -29,7 +29,10 @@ dynamic quantization, see ``espnet_fusionformer.quantize``). ``--format
 torchscript_stream`` (a causal model) writes ``encoder_stream.pt``, the scripted
 ``forward_chunk`` with explicit caches (WeNet's runtime convention, see
 ``espnet_fusionformer.script``), checked against the eager ``forward_chunk`` chunk by
-chunk (1e-4).
+chunk (1e-4). ``--format onnx_stream`` writes ``encoder_stream.onnx``, the chunk path
+with fixed-size caches for one chunk size and left context (``--chunk_size``,
+``--left_chunks``; WeNet's CPU ONNX convention, driven by :class:`OnnxStream`), checked
+the same way in ONNX Runtime (1e-3); with ``--int8`` also its int8 copy.
 """
 
 import argparse
@@ -520,6 +523,186 @@ def export_onnx(
     return path
 
 
+STREAM_INPUT_NAMES = ["chunk", "offset", "att_cache", "cnn_cache"]
+STREAM_OUTPUT_NAMES = ["output", "new_att_cache", "new_cnn_cache"]
+
+
+class OnnxStream:
+    """Runs an exported fixed-cache chunk graph (:func:`export_onnx_stream`) in
+    ONNX Runtime, keeping its caches and offset between calls.
+
+    ``stream(window)`` takes ``(1, W, F)`` input frames (the next window, stride
+    ``C * rate``) and returns ``(1, C, D)``; ``encode(xs)`` runs a whole ``(1, T, F)``
+    utterance and returns ``(1, T', D)``: its last, shorter window is zero-padded to
+    ``W`` and only the output frames of real input are kept (they also attend to the
+    padded frames of that chunk, unlike the eager ``forward_chunk``, which gets a
+    shorter chunk). ``reset()`` starts a new utterance.
+    """
+
+    def __init__(self, session, rate: int, context: int):
+        import numpy as np
+
+        self.session, self.rate, self.context = session, rate, context
+        shapes = {i.name: i.shape for i in session.get_inputs()}
+        self.window = int(shapes["chunk"][1])
+        self.chunk_size = (self.window - context) // rate + 1
+        self.att_shape = [int(v) for v in shapes["att_cache"]]
+        self.cnn_shape = [int(v) for v in shapes["cnn_cache"]]
+        self._np = np
+        self.reset()
+
+    def reset(self) -> None:
+        np = self._np
+        self.offset = 0
+        self.att_cache = np.zeros(self.att_shape, dtype=np.float32)
+        self.cnn_cache = np.zeros(self.cnn_shape, dtype=np.float32)
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        if window.size(1) != self.window:
+            raise ValueError(
+                f"the graph takes windows of {self.window} input frames, got "
+                f"{window.size(1)}"
+            )
+        feeds = {
+            "chunk": window.numpy(),
+            "offset": self._np.array([self.offset], dtype=self._np.int64),
+            "att_cache": self.att_cache,
+            "cnn_cache": self.cnn_cache,
+        }
+        out, self.att_cache, self.cnn_cache = self.session.run(
+            STREAM_OUTPUT_NAMES, feeds
+        )
+        self.offset += out.shape[1]
+        return torch.from_numpy(out)
+
+    def encode(self, xs: torch.Tensor) -> torch.Tensor:
+        self.reset()
+        frames, outputs = xs.size(1), []
+        for start, end in stream_windows(
+            frames, self.chunk_size, self.rate, self.context
+        ):
+            window = xs[:, start:end]
+            valid = (window.size(1) - self.context) // self.rate + 1
+            if window.size(1) < self.window:
+                pad = xs.new_zeros(1, self.window - window.size(1), *xs.shape[2:])
+                window = torch.cat([window, pad], dim=1)
+            outputs.append(self(window)[:, :valid])
+        return torch.cat(outputs, dim=1)
+
+
+def export_onnx_stream(
+    encoder: torch.nn.Module,
+    path,
+    chunk_size: int = 16,
+    left_chunks: int = 4,
+    opset: int = 17,
+    verify: bool = True,
+) -> Path:
+    """Export the streaming path with fixed-size caches to ONNX (WeNet's CPU ONNX
+    convention): one graph per chunk size and left context.
+
+    The graph is :class:`~espnet_fusionformer.script.FixedCacheChunkEncoder`:
+    inputs ``chunk`` ``(1, W, F)``, ``offset`` ``(1,)`` int64 (output frames so
+    far), ``att_cache`` ``(L, H, R, 2 d_k)``, ``cnn_cache`` ``(L, 1, K-1, D)``;
+    outputs ``output`` ``(1, C, D)``, ``new_att_cache``, ``new_cnn_cache``; start
+    from zero caches. :class:`OnnxStream` drives it.
+
+    Args:
+        encoder: a causal ``FusionFormerEncoder`` in eval mode.
+        path: output file (``.onnx``).
+        chunk_size: output frames per chunk ``C``. (Default: ``16``, 640 ms)
+        left_chunks: chunks of left context, ``R = C * left_chunks``. (Default: ``4``)
+        opset: ONNX opset. (Default: ``17``)
+        verify: run the file in ONNX Runtime (if installed) chunk by chunk against
+            the eager ``forward_chunk`` (outputs and the filled cache slots,
+            1e-3).
+
+    Raises:
+        ValueError: if the encoder cannot stream or ``left_chunks < 1``.
+    """
+    from espnet_fusionformer.script import FixedCacheChunkEncoder
+
+    fused = fused_encoder(encoder)
+    module = FixedCacheChunkEncoder(fused, chunk_size, left_chunks).eval()
+    shapes = module.shapes()
+    xs, _ = example_inputs(
+        fused.input_size, [module.window], tokens=bool(fused.embed.takes_tokens)
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_stdout():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            module.initial_inputs(xs[:, : shapes["chunk"][1]]),
+            str(path),
+            input_names=STREAM_INPUT_NAMES,
+            output_names=STREAM_OUTPUT_NAMES,
+            opset_version=opset,
+            dynamo=False,
+        )
+    if verify:
+        try:
+            session = onnx_session(path)
+        except ImportError:
+            logging.warning("onnxruntime is not installed: %s is not verified", path)
+        else:
+            check_onnx_stream(fused, session, chunk_size, left_chunks, what=str(path))
+    return path
+
+
+def check_onnx_stream(
+    eager: torch.nn.Module,
+    session,
+    chunk_size: int,
+    left_chunks: int,
+    frames: int = STREAM_CHECK_FRAMES,
+    atol: float = CHECK_ATOL,
+    what: str = "streaming ONNX",
+) -> float:
+    """Compare the ONNX chunk graph with the eager ``forward_chunk``
+    (``required_cache_size = C * left_chunks``), window by window, on one random
+    utterance: outputs and the filled slots of both caches.
+
+    Returns:
+        The largest absolute difference.
+
+    Raises:
+        RuntimeError: on a difference beyond ``atol``.
+    """
+    embed = eager.embed
+    rate, context = embed.rate(), embed.min_input_length()
+    stream = OnnxStream(session, rate, context)
+    xs, _ = example_inputs(eager.input_size, [frames], tokens=bool(embed.takes_tokens))
+    required = chunk_size * left_chunks
+    att = cnn = torch.zeros(0, 0, 0, 0)
+    offset, worst = 0, 0.0
+    for n, (start, end) in enumerate(stream_windows(frames, chunk_size, rate, context)):
+        window = xs[:, start:end]
+        if window.size(1) < stream.window:
+            break
+        with torch.no_grad():
+            ref, att, cnn = eager.forward_chunk(window, offset, required, att, cnn)
+        out = stream(window)
+        filled = att.size(2)
+        pairs = (
+            ("output", out, ref),
+            ("att_cache", torch.from_numpy(stream.att_cache[:, :, -filled:]), att),
+            ("cnn_cache", torch.from_numpy(stream.cnn_cache), cnn),
+        )
+        for name, a, b in pairs:
+            diff = float((a - b).abs().max())
+            worst = max(worst, diff)
+            if a.shape != b.shape or diff > atol:
+                raise RuntimeError(
+                    f"{what}: chunk {n}: {name} differs from eager forward_chunk by "
+                    f"{diff:.3g} (shapes {tuple(a.shape)} / {tuple(b.shape)}; "
+                    f"chunk_size {chunk_size}, left_chunks {left_chunks})"
+                )
+        offset += ref.size(1)
+    return worst
+
+
 # -- description -------------------------------------------------------------------
 def describe(encoder: torch.nn.Module) -> Dict:
     """Sizes and subsampling of a FusionFormer encoder, for ``encoder.json``."""
@@ -569,6 +752,32 @@ def describe_stream(encoder: torch.nn.Module) -> Dict:
     )
 
 
+def describe_onnx_stream(
+    encoder: torch.nn.Module, chunk_size: int, left_chunks: int
+) -> Dict:
+    """How to drive ``encoder_stream.onnx``, for ``encoder.json``."""
+    embed, conv = encoder.embed, encoder.encoders[0].conv_module
+    rate, context = embed.rate(), embed.min_input_length()
+    cache, blocks = chunk_size * left_chunks, len(encoder.encoders)
+    return dict(
+        inputs=dict(
+            chunk=[1, (chunk_size - 1) * rate + context, encoder.input_size],
+            offset="int64 (1,): output frames so far",
+            att_cache=[blocks, encoder.heads(), cache, 2 * encoder.d_k()],
+            cnn_cache=[blocks, 1, conv.lorder, encoder.output_size()],
+        ),
+        outputs=dict(
+            output=[1, chunk_size, encoder.output_size()],
+            new_att_cache="as att_cache",
+            new_cnn_cache="as cnn_cache",
+        ),
+        chunk_size=chunk_size,
+        left_chunks=left_chunks,
+        stride=chunk_size * rate,
+        initial_caches="zeros",
+    )
+
+
 # -- CLI ---------------------------------------------------------------------------
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -582,17 +791,34 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format",
         nargs="+",
-        choices=["onnx", "torchscript", "torchscript_stream"],
+        choices=["onnx", "torchscript", "torchscript_stream", "onnx_stream"],
         default=["onnx", "torchscript"],
         help="what to write (default: onnx and torchscript); torchscript_stream: "
-        "encoder_stream.pt, the scripted forward_chunk of a causal model",
+        "encoder_stream.pt, the scripted forward_chunk of a causal model; "
+        "onnx_stream: encoder_stream.onnx, its chunk path with fixed-size caches "
+        "(--chunk_size, --left_chunks)",
+    )
+    parser.add_argument(
+        "--chunk_size",
+        type=int,
+        default=None,
+        help="onnx_stream: output frames per chunk (default: the model's "
+        "chunk_size, or 16 if it has none)",
+    )
+    parser.add_argument(
+        "--left_chunks",
+        type=int,
+        default=None,
+        help="onnx_stream: chunks of left context, >= 1 (default: the model's "
+        "left_chunks, or 4 if it has none or -1)",
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also write encoder.int8.onnx (ONNX Runtime dynamic int8 quantization "
-        "of encoder.onnx)",
+        help="also write the int8 copy (ONNX Runtime dynamic int8 quantization) of "
+        "each ONNX file: encoder.int8.onnx, encoder_stream.int8.onnx (with "
+        "onnx_stream); encoder.int8.onnx only if no ONNX is written",
     )
     parser.add_argument(
         "--no-verify",
@@ -627,12 +853,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         if getattr(model, extra, None) is not None:
             logging.warning("the model has a %s: it is NOT part of the export", extra)
 
-    if "torchscript_stream" in args.format:
+    streams = [f for f in args.format if f.endswith("_stream")]
+    if streams:
         obstacle = encoder.streaming_obstacle()
         if obstacle is None and encoder.interctc_use_conditioning:
             obstacle = "interctc_use_conditioning needs the CTC inside the encoder"
         if obstacle is not None:
-            raise SystemExit(f"--format torchscript_stream: {obstacle}")
+            raise SystemExit(f"--format {' '.join(streams)}: {obstacle}")
+    chunk_size = args.chunk_size
+    if chunk_size is None:
+        chunk_size = encoder.chunk_size if encoder.chunk_size > 0 else 16
+    left_chunks = args.left_chunks
+    if left_chunks is None:
+        left_chunks = encoder.left_chunks if encoder.left_chunks > 0 else 4
+    if "onnx_stream" in args.format and (chunk_size < 1 or left_chunks < 1):
+        raise SystemExit(
+            f"--format onnx_stream: --chunk_size ({chunk_size}) and --left_chunks "
+            f"({left_chunks}) must be >= 1 (a fixed-size cache cannot hold all left "
+            "context)"
+        )
 
     # as ESPnetASRModel.encode: the encoder reads the CTC for these options
     ctc = None
@@ -646,7 +885,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             encoder, outdir / "encoder.onnx", args.opset, args.verify, ctc
         ).name
         logging.info("wrote %s", outdir / files["onnx"])
-    if args.int8:
+    if args.int8 and ("onnx" in args.format or "onnx_stream" not in args.format):
         from espnet_fusionformer.quantize import quantize_onnx
 
         source = outdir / "encoder.onnx"
@@ -666,10 +905,29 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             encoder, outdir / "encoder_stream.pt", args.verify
         ).name
         logging.info("wrote %s", outdir / files["torchscript_stream"])
+    if "onnx_stream" in args.format:
+        stream = export_onnx_stream(
+            encoder,
+            outdir / "encoder_stream.onnx",
+            chunk_size,
+            left_chunks,
+            args.opset,
+            args.verify,
+        )
+        files["onnx_stream"] = stream.name
+        logging.info("wrote %s", stream)
+        if args.int8:
+            from espnet_fusionformer.quantize import quantize_onnx
+
+            int8 = quantize_onnx(stream, outdir / "encoder_stream.int8.onnx")
+            files["onnx_stream_int8"] = int8.name
+            logging.info("wrote %s", int8)
 
     info = describe(encoder)
     if "torchscript_stream" in args.format:
         info["streaming"] = describe_stream(encoder)
+    if "onnx_stream" in args.format:
+        info["onnx_streaming"] = describe_onnx_stream(encoder, chunk_size, left_chunks)
     conf = vars(train_args)
     info.update(
         inputs=dict(

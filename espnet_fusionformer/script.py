@@ -27,7 +27,7 @@ The positional tables are copied at their current length (``max_pos_emb_len``,
 """
 
 import copy
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -106,6 +106,7 @@ class _Attention(torch.nn.Module):
         self.q_norm = attention.q_norm
         self.k_norm = attention.k_norm
         self.linear_pos = attention.linear_pos
+        self.sliced_shift = False  # ONNX: rel_shift by reshapes (no as_strided)
         if attention.linear_pos is not None:
             self.pos_bias_u = attention.pos_bias_u
             self.pos_bias_v = attention.pos_bias_v
@@ -128,11 +129,27 @@ class _Attention(torch.nn.Module):
             x.storage_offset() + t_q - 1,
         )
 
+    @staticmethod
+    def _sliced_rel_shift(x: torch.Tensor) -> torch.Tensor:
+        """``_rel_shift`` by a slice of the flattened scores (exports to ONNX):
+        row ``i`` starts at flat index ``i * (P - 1) + Tq - 1``."""
+        b, h, t_q, p = x.size(0), x.size(1), x.size(2), x.size(3)
+        t_k = (p + 1) // 2
+        if t_k == 1:
+            return x
+        flat = x.reshape(b, h, t_q * p)[:, :, t_q - 1 : t_q - 1 + t_q * (p - 1)]
+        return flat.reshape(b, h, t_q, p - 1)[:, :, :, :t_k]
+
     def forward(
-        self, x: torch.Tensor, pos_emb: torch.Tensor, cache: torch.Tensor
+        self,
+        x: torch.Tensor,
+        pos_emb: torch.Tensor,
+        cache: torch.Tensor,
+        key_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(1, Tq, D)``, ``(1, 2Tk-1, D)`` table, ``(1, H, Tc, 2 d_k)`` cache ->
-        ``(1, Tq, D)``, ``(1, H, Tk, 2 d_k)``."""
+        ``(1, Tq, D)``, ``(1, H, Tk, 2 d_k)``. ``key_mask``: ``(1, 1, 1, Tk)`` bool,
+        False for keys no query may see (empty slots of a fixed-size cache)."""
         q, k, v = self.linear_qkv(x).chunk(3, dim=-1)
         q = q.view(q.size(0), -1, self.heads, self.d_k)  # (1, Tq, H, d_k)
         k, v = self._heads(k), self._heads(v)  # (1, H, Tq, d_k)
@@ -153,7 +170,11 @@ class _Attention(torch.nn.Module):
             q_u = (q + self.pos_bias_u).transpose(1, 2)  # (1, H, Tq, d_k)
             q_v = (q + self.pos_bias_v).transpose(1, 2)
             scores = torch.matmul(q_u, k.transpose(-2, -1))  # (1, H, Tq, Tk)
-            by_position = self._rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))
+            by_position = torch.matmul(q_v, p.transpose(-2, -1))
+            if self.sliced_shift:
+                by_position = self._sliced_rel_shift(by_position)
+            else:
+                by_position = self._rel_shift(by_position)
             if self.zero_triu:
                 t_q, t_k = q.size(1), k.size(2)
                 keys = torch.arange(t_k, device=x.device)
@@ -163,6 +184,8 @@ class _Attention(torch.nn.Module):
             scores = scores + by_position
         if self.score_scale != 1.0:
             scores = scores * self.score_scale
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, -1e30)
         attn = torch.softmax(scores, dim=-1)
         ctx = torch.matmul(attn, v)  # (1, H, Tq, d_k)
         ctx = ctx.transpose(1, 2).reshape(x.size(0), -1, self.heads * self.d_k)
@@ -225,6 +248,7 @@ class _Block(torch.nn.Module):
         pos_emb: torch.Tensor,
         att_cache: torch.Tensor,
         cnn_cache: torch.Tensor,
+        key_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         macaron = self.feed_forward_macaron
         if macaron is not None:
@@ -236,7 +260,7 @@ class _Block(torch.nn.Module):
         h = x
         if self.norm_mha is not None:
             h = self.norm_mha(x)
-        a, att_cache = self.attention(h, pos_emb, att_cache)
+        a, att_cache = self.attention(h, pos_emb, att_cache, key_mask)
         if self.concat_linear is not None:
             a = self.concat_linear(torch.cat([h, a], dim=-1), None)
         x = x + a
@@ -543,3 +567,126 @@ class ScriptableChunkEncoder(torch.nn.Module):
 def script_chunk_encoder(encoder: torch.nn.Module) -> torch.jit.ScriptModule:
     """``torch.jit.script(ScriptableChunkEncoder(encoder))``."""
     return torch.jit.script(ScriptableChunkEncoder(encoder))
+
+
+class FixedCacheChunkEncoder(torch.nn.Module):
+    """The chunk path with fixed-size caches, for ONNX (WeNet's CPU ONNX export).
+
+    Every call has the same shapes, so the graph is exported for one chunk size and
+    left context::
+
+        chunk (1, W, F), offset (1,) int64, att_cache (L, H, R, 2 d_k),
+        cnn_cache (L, 1, K-1, D) -> (1, C, D), att_cache, cnn_cache (same shapes)
+
+    with ``C`` = ``chunk_size`` output frames, ``W = (C - 1) * rate + context`` input
+    frames (stride ``C * rate``), ``R = C * left_chunks``. Start with zero caches and
+    offset 0 and pass the output frames so far as ``offset``: cache slots not yet
+    filled (the first ``R - min(offset, R)``) are masked out of the attention, so
+    each chunk equals the eager ``forward_chunk`` with ``required_cache_size = R``.
+
+    Args:
+        encoder: a ``FusionFormerEncoder`` in eval mode that can stream (see
+            :class:`ScriptableChunkEncoder`).
+        chunk_size: output frames per chunk (>= 1).
+        left_chunks: chunks of left context (>= 1; a fixed cache cannot hold "all").
+
+    Raises:
+        ValueError: for an encoder that cannot stream, or a chunk size or left
+            context a fixed-size cache cannot have.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, chunk_size: int, left_chunks: int):
+        super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if left_chunks < 1:
+            raise ValueError(
+                f"left_chunks must be >= 1 for fixed-size caches, got {left_chunks} "
+                "(-1, all left context, needs a cache that grows: use the "
+                "TorchScript streaming export)"
+            )
+        inner = ScriptableChunkEncoder(encoder)
+        if inner.lorder == 0:
+            raise ValueError(
+                "fixed-size caches need a convolution module (use_cnn_module: true)"
+            )
+        self.inner = inner
+        self.chunk_size, self.left_chunks = chunk_size, left_chunks
+        self.cache_size = chunk_size * left_chunks
+        self.window = (chunk_size - 1) * inner.rate + inner.context
+        for block in inner.encoders:
+            block.attention.sliced_shift = True
+
+    def shapes(self) -> Dict[str, List[int]]:
+        """Input shapes: ``chunk``, ``offset``, ``att_cache``, ``cnn_cache``."""
+        inner = self.inner
+        chunk = [1, self.window] + ([] if inner.takes_tokens else [inner.input_size])
+        return dict(
+            chunk=chunk,
+            offset=[1],
+            att_cache=[inner.num_blocks, inner.heads, self.cache_size, 2 * inner.d_k],
+            cnn_cache=[inner.num_blocks, 1, inner.lorder, inner.output_size],
+        )
+
+    def initial_inputs(self, chunk: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The first call's inputs: ``chunk``, offset 0 and zero caches."""
+        shapes = self.shapes()
+        return (
+            chunk,
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(shapes["att_cache"]),
+            torch.zeros(shapes["cnn_cache"]),
+        )
+
+    def _frames(self, chunk: torch.Tensor) -> torch.Tensor:
+        embed = self.inner.embed
+        if not isinstance(embed, _Conv2dInput):
+            return embed(chunk)
+        from espnet_fusionformer.subsampling import conv2d_as_matmul
+
+        k, s = embed.kernel, embed.stride
+        weight = embed.conv_in.weight.view(-1, 1, k, k)
+        h = torch.nn.functional.conv2d(
+            chunk.unsqueeze(1), weight, embed.conv_in.bias, s
+        )
+        h = h.relu().permute(0, 2, 3, 1)  # (1, T1, F1, C)
+        for conv in embed.convs:  # MatMuls, which int8 quantizes
+            h = conv2d_as_matmul(conv.layer, h)
+            h = h.relu() if conv.relu else h
+        return embed.out(h.reshape(1, h.size(1), -1), None)
+
+    def _positions(
+        self, x: torch.Tensor, offset: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        pos_enc = self.inner.pos_enc
+        if pos_enc.relative:  # the table depends on the (fixed) key count only
+            return pos_enc(x, 0, self.cache_size)
+        frames = offset + torch.arange(x.size(1), device=x.device)
+        table = pos_enc.pe.index_select(1, frames)
+        if pos_enc.scaled:
+            return x + pos_enc.alpha * table, x.new_zeros(0)
+        return x * pos_enc.xscale + table, x.new_zeros(0)
+
+    def forward(
+        self,
+        chunk: torch.Tensor,
+        offset: torch.Tensor,
+        att_cache: torch.Tensor,
+        cnn_cache: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See the class docstring for shapes."""
+        x = self._frames(chunk)  # (1, C, D)
+        x, pos_emb = self._positions(x, offset)
+        cached = torch.clamp(offset, max=self.cache_size)  # filled cache slots
+        keys = torch.arange(self.cache_size + x.size(1), device=x.device)
+        key_mask = (keys >= self.cache_size - cached).view(1, 1, 1, -1)
+        att_caches, cnn_caches = [], []
+        for i, block in enumerate(self.inner.encoders):
+            x, layer_att, layer_cnn = block(
+                x, pos_emb, att_cache[i : i + 1], cnn_cache[i], key_mask
+            )
+            att_caches.append(layer_att[:, :, x.size(1) :])  # the last R frames
+            cnn_caches.append(layer_cnn)
+        if self.inner.after_norm is not None:
+            x = self.inner.after_norm(x)
+        return x, torch.cat(att_caches, dim=0), torch.stack(cnn_caches)

@@ -19,7 +19,7 @@ def chunk_mask(
     chunk = torch.arange(size, device=device) // chunk_size
     allowed = chunk[None, :] <= chunk[:, None]
     if left_chunks >= 0:
-        allowed &= chunk[None, :] >= chunk[:, None] - left_chunks
+        allowed = allowed & (chunk[None, :] >= chunk[:, None] - left_chunks)
     return allowed
 
 

@@ -12,7 +12,16 @@ from conftest import FEATS, TINY, asr_config, batch, make_encoder, warm_up
 from espnet2.tasks.asr import ASRTask
 
 from espnet_fusionformer import fuse
-from espnet_fusionformer.export import export_onnx, export_torchscript, main
+from espnet_fusionformer.export import (
+    OnnxStream,
+    check_onnx_stream,
+    export_onnx,
+    export_onnx_stream,
+    export_torchscript,
+    main,
+    onnx_session,
+)
+from espnet_fusionformer.streaming import encode_chunk_by_chunk
 
 try:
     import onnxruntime as ort
@@ -248,3 +257,43 @@ def test_cli_streaming_torchscript_refuses_a_full_context_model(tmp_path):
     with pytest.raises(SystemExit, match="torchscript_stream.*causal"):
         main([*argv, "--format", "torchscript_stream"])
     assert not (tmp_path / "out" / "encoder_stream.pt").exists()
+
+
+# -- streaming ONNX (fixed-size caches) --------------------------------------------
+@needs_ort
+def test_onnx_stream_runs_chunk_by_chunk_like_eager(tmp_path):
+    """The fixed-cache graph equals the eager ``forward_chunk`` window by window
+    (checked at export); ``OnnxStream.encode`` gives the chunk-by-chunk encoding of
+    a whole utterance (the zero-padded last window aside); the check catches a
+    graph that drifts from eager."""
+    encoder = warm_up(make_encoder(causal=True))
+    path = export_onnx_stream(encoder, tmp_path / "stream.onnx", 4, 2)
+    session = onnx_session(path)
+    names = [i.name for i in session.get_inputs()]
+    assert names == ["chunk", "offset", "att_cache", "cnn_cache"]
+    fused = fuse(encoder)
+    assert check_onnx_stream(fused, session, 4, 2) < 1e-4
+    stream = OnnxStream(session, 4, 7)
+    assert stream.window == 19 and stream.chunk_size == 4
+    xs, _ = batch([130], seed=4)  # 31 output frames: 7 full chunks + 3 frames
+    with torch.no_grad():
+        ref = encode_chunk_by_chunk(fused, xs, 4, 2)
+    ys = stream.encode(xs)
+    assert ys.shape == ref.shape
+    np.testing.assert_allclose(ys[:, :28].numpy(), ref[:, :28].numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="windows of 19 input frames"):
+        stream(xs[:, :18])
+    with torch.no_grad():
+        fused.encoders[1].feed_forward.w_2.layer.weight.add_(1e-2)
+    with pytest.raises(RuntimeError, match="differs from eager forward_chunk"):
+        check_onnx_stream(fused, session, 4, 2)
+
+
+def test_onnx_stream_refuses_a_full_context_model(tmp_path):
+    with pytest.raises(ValueError, match="causal convolution"):
+        export_onnx_stream(warm_up(make_encoder()), tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="left_chunks must be >= 1"):
+        export_onnx_stream(
+            warm_up(make_encoder(causal=True)), tmp_path / "x.onnx", 4, -1
+        )
+    assert not (tmp_path / "x.onnx").exists()

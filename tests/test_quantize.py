@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY, asr_config, batch, make_encoder, warm_up
+from conftest import FEATS, TINY, asr_config, batch, make_encoder, warm_up
 from espnet2.tasks.asr import ASRTask
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from espnet_fusionformer import fuse  # noqa: E402
-from espnet_fusionformer.export import export_onnx  # noqa: E402
+from espnet_fusionformer.export import (  # noqa: E402
+    OnnxStream,
+    export_onnx,  # noqa: E402
+    onnx_session,
+)
 from espnet_fusionformer.export import main as export_main  # noqa: E402
 from espnet_fusionformer.quantize import (  # noqa: E402
     OnnxEncoder,
@@ -24,6 +28,7 @@ from espnet_fusionformer.quantize import (  # noqa: E402
     quantize,
     quantize_onnx,
 )
+from espnet_fusionformer.streaming import encode_chunk_by_chunk  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +84,9 @@ def test_int8_file_has_integer_matmuls_and_stays_close(float_onnx, tmp_path):
         assert 1e-4 < rel < 0.25
 
 
-def _asr_model_dir(tmp_path):
+def _asr_model_dir(tmp_path, **encoder_conf):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(asr_config()))
+    config.write_text(yaml.safe_dump(asr_config(**encoder_conf)))
     args = ASRTask.get_parser().parse_args(["--config", str(config)])
     torch.manual_seed(0)
     model = ASRTask.build_model(args)
@@ -161,3 +166,48 @@ def test_cer_cli_decodes_float_and_int8(tmp_path, tiny_data):
         written["cer_int8"] - written["cer_float"], abs=0.011
     )
     assert report["cer_float"] >= 0 and np.isfinite(report["cer_int8"])
+
+
+def test_export_cli_streaming_onnx_int8(tmp_path):
+    """``--format onnx onnx_stream --int8`` of a streaming model: the full forward
+    under its chunk mask, the fixed-cache chunk graph (checked at export) and the
+    int8 copy of each; the int8 chunk graph streams close to the float encoder."""
+    model, config, weights = _asr_model_dir(
+        tmp_path, causal=True, chunk_size=4, left_chunks=2
+    )
+    argv = ["--asr_train_config", str(config), "--asr_model_file", str(weights)]
+    out = tmp_path / "out"
+    formats = ["--format", "onnx", "onnx_stream", "--int8"]
+    info = export_main([*argv, "--outdir", str(out), *formats])
+    assert info["files"] == {
+        "onnx": "encoder.onnx",  # the chunk-masked full forward exports too
+        "int8": "encoder.int8.onnx",
+        "onnx_stream": "encoder_stream.onnx",
+        "onnx_stream_int8": "encoder_stream.int8.onnx",
+    }
+    stream_info = json.loads((out / "encoder.json").read_text())["onnx_streaming"]
+    assert stream_info["inputs"]["chunk"] == [1, 19, FEATS]
+    assert stream_info["inputs"]["att_cache"] == [2, 4, 8, 16]
+    assert "MatMulInteger" in ops(out / "encoder_stream.int8.onnx")
+    assert "MatMulInteger" not in ops(out / "encoder_stream.onnx")
+    xs, _ = batch([120])
+    with torch.no_grad():
+        ref = encode_chunk_by_chunk(fuse(model.encoder), xs, 4, 2)[:, :28]
+    for name, low, high in (
+        ("encoder_stream", 0, 1e-4),
+        ("encoder_stream.int8", 1e-4, 0.25),
+    ):
+        ys = OnnxStream(onnx_session(out / f"{name}.onnx"), 4, 7).encode(xs)[:, :28]
+        assert low <= float((ys - ref).norm() / ref.norm()) < high, name
+    with pytest.raises(SystemExit, match="--left_chunks .* must be >= 1"):
+        export_main(
+            [
+                *argv,
+                "--outdir",
+                str(out),
+                "--format",
+                "onnx_stream",
+                "--left_chunks",
+                "-1",
+            ]
+        )

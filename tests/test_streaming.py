@@ -7,7 +7,7 @@ from conftest import FEATS, batch, make_encoder, warm_up
 
 from espnet_fusionformer import fuse
 from espnet_fusionformer.export import check_stream, export_torchscript_stream
-from espnet_fusionformer.script import ScriptableChunkEncoder
+from espnet_fusionformer.script import FixedCacheChunkEncoder, ScriptableChunkEncoder
 from espnet_fusionformer.streaming import (
     chunk_mask,
     encode_chunk_by_chunk,
@@ -258,3 +258,56 @@ def test_streaming_torchscript_export_is_checked(tmp_path):
     with pytest.raises(ValueError, match="causal convolution"):
         export_torchscript_stream(warm_up(make_encoder()), tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+# -- fixed-size caches (the ONNX streaming graph) ------------------------------------
+@pytest.mark.parametrize(
+    "conf,chunk_size,left_chunks",
+    [
+        ("fusion", 4, 2),
+        ("fusion", 1, 3),
+        ("layernorm-abs-qknorm", 4, 2),
+        ("batchnorm-legacy-conv2d6", 2, 1),
+    ],
+)
+def test_fixed_cache_chunks_equal_eager_forward_chunk(conf, chunk_size, left_chunks):
+    """Zero caches of the final size, the empty slots masked: every chunk, the
+    first ones (cache not yet full) included, equals the eager ``forward_chunk``."""
+    encoder = fuse(streaming_encoder(**SCRIPTED_CONFS[conf]))
+    module = FixedCacheChunkEncoder(encoder, chunk_size, left_chunks)
+    required = chunk_size * left_chunks
+    rate, context = encoder.embed.rate(), encoder.embed.min_input_length()
+    xs, _ = batch([150], seed=5)
+    stride = chunk_size * rate
+    _, offset, att, cnn = module.initial_inputs(xs[:, : module.window])
+    assert list(att.shape) == module.shapes()["att_cache"]
+    ref_att = ref_cnn = torch.zeros(0, 0, 0, 0)
+    chunks = 0
+    for start in range(0, xs.size(1) - module.window + 1, stride):
+        window = xs[:, start : start + module.window]
+        with torch.no_grad():
+            ref, ref_att, ref_cnn = encoder.forward_chunk(
+                window, int(offset), required, ref_att, ref_cnn
+            )
+            ys, att, cnn = module(window, offset, att, cnn)
+        assert ys.shape == ref.shape
+        assert (ys - ref).abs().max() < 1e-4, f"chunk {chunks}"
+        filled = ref_att.size(2)
+        assert (att[:, :, att.size(2) - filled :] - ref_att).abs().max() < 1e-4
+        assert (cnn - ref_cnn).abs().max() < 1e-4
+        offset = offset + ys.size(1)
+        chunks += 1
+    assert chunks > left_chunks + 1  # filling and full caches both checked
+    assert context == module.window - (chunk_size - 1) * rate
+
+
+def test_fixed_cache_chunks_refuse_what_they_cannot_hold():
+    encoder = streaming_encoder()
+    with pytest.raises(ValueError, match="left_chunks must be >= 1"):
+        FixedCacheChunkEncoder(encoder, 4, -1)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        FixedCacheChunkEncoder(encoder, 0, 2)
+    with pytest.raises(ValueError, match="use_cnn_module"):
+        FixedCacheChunkEncoder(streaming_encoder(use_cnn_module=False), 4, 2)
+    with pytest.raises(ValueError, match="causal convolution"):
+        FixedCacheChunkEncoder(warm_up(make_encoder()), 4, 2)
