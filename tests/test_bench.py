@@ -32,6 +32,7 @@ from espnet_fusionformer.bench.timing import (  # noqa: E402
 )
 
 MODELS = ("conformer", "layernorm", "fusionformer")
+ONNX_STREAM_METRICS = ("chunk_onnx", "chunk_int8")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,13 @@ def test_every_row_times_both_baselines_and_fusionformer(quick_run):
     assert not result["errors"], result["errors"]
     seen = set()
     for row in result["rows"]:
+        if row.get("metric") in ONNX_STREAM_METRICS:  # ESPnet's CBC has no ONNX path
+            assert row.get("conformer") is None
+            assert row["ratios"]["ff_vs_layernorm"] == pytest.approx(
+                row["fusionformer"]["median_ms"] / row["layernorm"]["median_ms"],
+                abs=1e-3,
+            )
+            continue
         for name in MODELS:
             stats = row[name]
             assert stats["n"] >= 2 and len(stats["times_ms"]) == stats["n"]
@@ -161,7 +169,10 @@ def test_speedup_shares_add_up(quick_run):
 def test_streaming_rows(quick_run):
     _, _, result = quick_run
     rows = {r["metric"]: r for r in result["rows"] if r["section"] == "streaming"}
-    assert set(rows) == {"chunk", "total", "first_token"}
+    assert set(rows) == {"chunk", "total", "first_token", *ONNX_STREAM_METRICS}
+    for metric in ONNX_STREAM_METRICS:  # 16 chunks, every one timed
+        for name in ("layernorm", "fusionformer"):
+            assert rows[metric][name]["n"] >= 2 * 16
     info = result["streaming"]
     assert "ContextualBlockConformerEncoder" in info["conformer"]["cls"]
     for name in MODELS:
@@ -182,6 +193,7 @@ def test_table_and_chart_are_written(quick_run):
     assert "ESPnet Conformer ms" in table and "same code, LayerNorm ms" in table
     assert "## Where the speed-up comes from" in table
     assert "## Training step (full ESPnet ASR model)" in table
+    assert "per-chunk latency, ONNX Runtime int8" in table
     assert table.strip() in stdout  # printed too
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -261,6 +273,8 @@ def test_options():
     assert not (conf["latency"] or conf["streaming"] or conf["profile"])
     with pytest.raises(SystemExit):
         resolve(get_parser().parse_args(["--train-only", "--no-train"]))
+    conf = resolve(get_parser().parse_args(["--no-latency", "--no-onnx"]))
+    assert conf["streaming"] and conf["int8"] and not conf["onnx"]
 
 
 # -- the training step on a recipe dump --------------------------------------------

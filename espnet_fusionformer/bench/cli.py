@@ -156,8 +156,9 @@ def resolve(args: argparse.Namespace) -> Dict:
     conf["quick"] = args.quick
     latency = not (args.no_latency or args.train_only)
     conf["latency"] = latency
-    conf["onnx"] = latency and not args.no_onnx
-    conf["int8"] = latency and not args.no_int8
+    # ONNX Runtime engines: in the inference rows and the streaming rows
+    conf["onnx"] = not args.no_onnx
+    conf["int8"] = not args.no_int8
     conf["torchscript"] = latency and not args.no_torchscript
     conf["train"] = not args.no_train
     conf["profile"] = latency and not args.no_profile
@@ -384,7 +385,9 @@ def run(conf: Dict, stages: Stages) -> Dict:
             torch.set_num_threads(th)
             stages.stage(f"streaming {conf['stream_frames']} fr, {th} thr")
             try:
-                stream_rows, result["streaming"] = run_streaming(conf, th, stages.log)
+                stream_rows, result["streaming"] = run_streaming(
+                    conf, th, stages.log, workdir
+                )
                 rows += stream_rows
             except Exception as err:
                 stages.log(f"streaming benchmark failed: {short_error(err)}")

@@ -31,9 +31,13 @@ def tick(r: Dict) -> str:
     if r["section"] == "latency":
         return r["label"]
     if r["section"] == "streaming":
-        return {"chunk": "per chunk", "total": "whole", "first_token": "1st token"}[
-            r["metric"]
-        ]
+        return {
+            "chunk": "per chunk",
+            "total": "whole",
+            "first_token": "1st token",
+            "chunk_onnx": "ORT chunk",
+            "chunk_int8": "int8 chunk",
+        }[r["metric"]]
     if r["section"] == "throughput":
         return {"eager": "eager", "onnxruntime": "ORT", "int8": "ORT int8"}.get(
             r["engine"], r["engine"]

@@ -252,6 +252,14 @@ def streaming_lines(result: Dict) -> List[str]:
             "real-time factor (total compute)",
             lambda s: f"{s['rtf']:.4f} ({s['median_ms']:.0f} ms)",
         ),
+        "chunk_onnx": (
+            "per-chunk latency, ONNX Runtime (fixed-size caches), median / p90 ms",
+            lambda s: f"{s['median_ms']:.1f} / {s['p90_ms']:.1f}",
+        ),
+        "chunk_int8": (
+            "per-chunk latency, ONNX Runtime int8, median / p90 ms",
+            lambda s: f"{s['median_ms']:.1f} / {s['p90_ms']:.1f}",
+        ),
         "first_token": (
             "first-token latency ms (audio wait + compute)",
             lambda s: (
@@ -269,6 +277,12 @@ def streaming_lines(result: Dict) -> List[str]:
             f"| {label} | " + " | ".join(cells) + f" | "
             f"{fmt_ratio(r, 'ff_vs_conformer')} | {fmt_ratio(r, 'ff_vs_layernorm')} |"
         )
+    if "chunk_onnx" in rows or "chunk_int8" in rows:
+        note = (
+            "| (ONNX rows: ContextualBlockConformer has no ONNX export here, so "
+            "its column is n/a) | | | | | |"
+        )
+        lines.append(note)
     lines.append(
         "| calls / output frames | "
         + " | ".join(f"{info[n]['calls']} / {info[n]['output_frames']}" for n in MODELS)

@@ -5,7 +5,8 @@ the causal, fused FusionFormer and its LayerNorm twin (``forward_chunk`` through
 
 import gc
 import time
-from typing import Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,6 +21,7 @@ from espnet_fusionformer.bench.cases import (
     streaming_models,
 )
 from espnet_fusionformer.bench.timing import finish_row, repeats_for, summarize
+from espnet_fusionformer.export import OnnxStream
 from espnet_fusionformer.streaming import encode_chunk_by_chunk
 
 CBC_CLASS = (
@@ -51,6 +53,64 @@ def chunk_stream(encoder, xs: torch.Tensor) -> List[Tuple[float, int]]:
             timed, xs, STREAMING["chunk_size"], STREAMING["left_chunks"]
         )
     return timed.calls
+
+
+class TimedOnnxStream(OnnxStream):
+    """``OnnxStream`` whose calls are timed: ``calls`` gets ``(seconds, output
+    frames)`` per window."""
+
+    calls: List[Tuple[float, int]]
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = super().__call__(window)
+        self.calls.append((time.perf_counter() - start, out.size(1)))
+        return out
+
+    def timed(self, xs: torch.Tensor) -> Tuple[List[Tuple[float, int]], int]:
+        """Encode ``(1, T, F)``: ``(seconds, output frames)`` per window (the
+        zero-padded last one counts whole) and the output frames kept."""
+        self.calls = []
+        frames = self.encode(xs).size(1)
+        return self.calls, frames
+
+
+def onnx_streams(
+    models, threads: int, workdir: Path, kinds: Tuple[str, ...], log
+) -> Dict[str, Dict[str, TimedOnnxStream]]:
+    """``{metric: {encoder: stream}}``: the LayerNorm and FusionFormer twins'
+    chunk paths exported with fixed-size caches (``export_onnx_stream``, checked
+    against eager) and run in ONNX Runtime, float (``chunk_onnx``) and int8
+    (``chunk_int8``, ``quantize_onnx``). ESPnet's ContextualBlockConformer has no
+    ONNX path here, so its column stays empty."""
+    from espnet_fusionformer.export import export_onnx_stream, onnx_session
+    from espnet_fusionformer.quantize import quantize_onnx
+
+    out: Dict[str, Dict[str, TimedOnnxStream]] = {}
+    for name in (LAYERNORM, FUSIONFORMER):
+        model = models[name]
+        rate, context = model.embed.rate(), model.embed.min_input_length()
+        try:
+            path = export_onnx_stream(
+                model,
+                workdir / f"{name}.stream.onnx",
+                STREAMING["chunk_size"],
+                STREAMING["left_chunks"],
+            )
+            files = {"chunk_onnx": path}
+            if "int8" in kinds:
+                int8 = quantize_onnx(path, workdir / f"{name}.stream.int8.onnx")
+                files["chunk_int8"] = int8
+            for metric, file in files.items():
+                if metric == "chunk_onnx" and "onnx" not in kinds:
+                    continue
+                session = onnx_session(file, threads)
+                out.setdefault(metric, {})[name] = TimedOnnxStream(
+                    session, rate, context
+                )
+        except Exception as err:  # reported, the eager rows stay
+            log(f"streaming ONNX of {name} failed: {type(err).__name__}: {err}")
+    return out
 
 
 def chunk_window(encoder) -> int:
@@ -125,9 +185,21 @@ def first_output_fns(models, xs: torch.Tensor) -> Dict[str, Tuple[int, Callable]
     return out
 
 
-def run_streaming(conf: Dict, threads: int, log) -> Tuple[List[Dict], Dict]:
-    """Interleaved streaming runs of the three encoders on one utterance."""
+def run_streaming(
+    conf: Dict, threads: int, log, workdir: Optional[Path] = None
+) -> Tuple[List[Dict], Dict]:
+    """Interleaved streaming runs of the three encoders on one utterance; with a
+    ``workdir`` and ONNX Runtime, also the twins' ONNX (float, int8) chunk paths."""
     models = streaming_models(conf)
+    kinds = tuple(k for k in ("onnx", "int8") if conf.get(k))
+    ort_streams = {}
+    if workdir is not None and kinds:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            log("streaming ONNX rows skipped: onnxruntime is not installed")
+        else:
+            ort_streams = onnx_streams(models, threads, workdir, kinds, log)
     frames = conf["stream_frames"]
     audio_s = frames / FRAMES_PER_SECOND
     gen = torch.Generator().manual_seed(conf["seed"] + 3)
@@ -149,9 +221,22 @@ def run_streaming(conf: Dict, threads: int, log) -> Tuple[List[Dict], Dict]:
         estimate += last
         out_frames[name] = sum(n for _, n in calls)
         n_calls[name] = len(calls)
+    for metric, by_name in ort_streams.items():
+        for name, stream in by_name.items():
+            for _ in range(max(conf["warmup"], 1)):
+                start = time.perf_counter()
+                _, frames = stream.timed(xs)
+                last = time.perf_counter() - start
+            estimate += last
+            if frames != out_frames[name]:
+                log(f"streaming {metric} {name}: other output frames than eager")
     if len(set(out_frames.values())) > 1:
         log(f"streaming: output frames differ {out_frames}")
     repeats = repeats_for(estimate, conf)
+    ort_times: Dict[str, Dict[str, List[float]]] = {
+        metric: {name: [] for name in streams}
+        for metric, streams in ort_streams.items()
+    }
     chunk_times: Dict[str, List[float]] = {name: [] for name in MODELS}
     totals: Dict[str, List[float]] = {name: [] for name in MODELS}
     first: Dict[str, List[float]] = {name: [] for name in MODELS}
@@ -170,6 +255,11 @@ def run_streaming(conf: Dict, threads: int, log) -> Tuple[List[Dict], Dict]:
                 firsts[name][1]()
                 compute = time.perf_counter() - start
                 first[name].append(firsts[name][0] / FRAMES_PER_SECOND + compute)
+            for metric, by_name in ort_streams.items():
+                for name in names:
+                    if name in by_name:
+                        calls, _ = by_name[name].timed(xs)
+                        ort_times[metric][name] += [t for t, n in calls if n > 0]
     finally:
         gc.enable()
     base = dict(
@@ -195,6 +285,12 @@ def run_streaming(conf: Dict, threads: int, log) -> Tuple[List[Dict], Dict]:
             if metric == "first_token":
                 stats["wait_ms"] = round(1000 * firsts[name][0] / FRAMES_PER_SECOND, 1)
             row[name] = stats
+        rows.append(finish_row(row))
+    for metric, times in ort_times.items():
+        engine = "ONNX Runtime int8" if metric == "chunk_int8" else "ONNX Runtime"
+        row = dict(base, metric=metric, label=f"per-chunk latency, {engine}")
+        for name, values in times.items():
+            row[name] = summarize(values)
         rows.append(finish_row(row))
     info = dict(threads=threads, audio_s=audio_s, repeats=repeats)
     for name in MODELS:
@@ -244,4 +340,11 @@ def streaming_notes(conf: Dict) -> List[str]:
         "window ((chunk-1)*4+7 frames) for the chunked encoders; for "
         "ContextualBlockConformer the fewest frames after which forward_infer "
         "returns output (a whole block with its look-ahead).",
+        "ONNX Runtime streaming rows: the twins' chunk paths exported with "
+        "fixed-size caches (export.export_onnx_stream: the same chunk and left "
+        "context, empty cache slots masked, checked against eager forward_chunk), "
+        "float and int8 (quantize.quantize_onnx, as the other int8 rows), run by "
+        "export.OnnxStream at the same threads, interleaved with the eager streams; "
+        "ESPnet's ContextualBlockConformer has no ONNX export here (its column is "
+        "n/a).",
     ]
