@@ -475,6 +475,17 @@ def onnx_session(path, threads: Optional[int] = None):
     )
 
 
+def verify_in_onnxruntime(path, check: Callable) -> None:
+    """``check(session)`` on an onnxruntime session of ``path``; only a warning
+    if onnxruntime is not installed."""
+    try:
+        session = onnx_session(path)
+    except ImportError:
+        logging.warning("onnxruntime is not installed: %s is not verified", path)
+        return
+    check(session)
+
+
 def onnx_runner(session) -> Runner:
     def run(feats, ilens):
         out = session.run(
@@ -514,12 +525,9 @@ def export_onnx(
     if method != "legacy":
         logging.warning("ONNX: the plain legacy exporter failed, used %s", method)
     if verify:
-        try:
-            session = onnx_session(path)
-        except ImportError:
-            logging.warning("onnxruntime is not installed: %s is not verified", path)
-        else:
-            check_export(wrapper, onnx_runner(session), f"ONNX export {path}")
+        verify_in_onnxruntime(
+            path, lambda s: check_export(wrapper, onnx_runner(s), f"ONNX export {path}")
+        )
     return path
 
 
@@ -642,12 +650,12 @@ def export_onnx_stream(
             dynamo=False,
         )
     if verify:
-        try:
-            session = onnx_session(path)
-        except ImportError:
-            logging.warning("onnxruntime is not installed: %s is not verified", path)
-        else:
-            check_onnx_stream(fused, session, chunk_size, left_chunks, what=str(path))
+        verify_in_onnxruntime(
+            path,
+            lambda s: check_onnx_stream(
+                fused, s, chunk_size, left_chunks, what=str(path)
+            ),
+        )
     return path
 
 
