@@ -605,15 +605,22 @@ class FixedCacheChunkEncoder(torch.nn.Module):
                 "(-1, all left context, needs a cache that grows: use the "
                 "TorchScript streaming export)"
             )
-        inner = ScriptableChunkEncoder(encoder)
+        from espnet_fusionformer.export import fused_encoder
+
+        fused = fused_encoder(encoder)
+        inner = ScriptableChunkEncoder(fused)
         if inner.lorder == 0:
             raise ValueError(
                 "fixed-size caches need a convolution module (use_cnn_module: true)"
             )
         self.inner = inner
+        # the fused input layer itself: under ONNX export its convolutions are the
+        # MatMuls that int8 quantizes (``Conv2dSubsampling._forward_fused``)
+        self.embed = copy.deepcopy(fused.embed)
         self.chunk_size, self.left_chunks = chunk_size, left_chunks
         self.cache_size = chunk_size * left_chunks
         self.window = (chunk_size - 1) * inner.rate + inner.context
+        self.register_buffer("lengths", torch.tensor([self.window]), persistent=False)
         for block in inner.encoders:
             block.attention.sliced_shift = True
 
@@ -638,23 +645,6 @@ class FixedCacheChunkEncoder(torch.nn.Module):
             torch.zeros(shapes["cnn_cache"]),
         )
 
-    def _frames(self, chunk: torch.Tensor) -> torch.Tensor:
-        embed = self.inner.embed
-        if not isinstance(embed, _Conv2dInput):
-            return embed(chunk)
-        from espnet_fusionformer.subsampling import conv2d_as_matmul
-
-        k, s = embed.kernel, embed.stride
-        weight = embed.conv_in.weight.view(-1, 1, k, k)
-        h = torch.nn.functional.conv2d(
-            chunk.unsqueeze(1), weight, embed.conv_in.bias, s
-        )
-        h = h.relu().permute(0, 2, 3, 1)  # (1, T1, F1, C)
-        for conv in embed.convs:  # MatMuls, which int8 quantizes
-            h = conv2d_as_matmul(conv.layer, h)
-            h = h.relu() if conv.relu else h
-        return embed.out(h.reshape(1, h.size(1), -1), None)
-
     def _positions(
         self, x: torch.Tensor, offset: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -675,7 +665,7 @@ class FixedCacheChunkEncoder(torch.nn.Module):
         cnn_cache: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """See the class docstring for shapes."""
-        x = self._frames(chunk)  # (1, C, D)
+        x, _ = self.embed.frames(chunk, self.lengths)  # (1, C, D)
         x, pos_emb = self._positions(x, offset)
         cached = torch.clamp(offset, max=self.cache_size)  # filled cache slots
         keys = torch.arange(self.cache_size + x.size(1), device=x.device)
