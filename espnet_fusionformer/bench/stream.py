@@ -56,23 +56,22 @@ def chunk_stream(encoder, xs: torch.Tensor) -> List[Tuple[float, int]]:
 
 
 class TimedOnnxStream(OnnxStream):
-    """``OnnxStream`` whose calls are timed: ``calls`` gets ``(seconds, output
-    frames)`` per window."""
+    """``OnnxStream`` whose calls are timed: ``seconds`` gets one entry per window
+    (every window returns a whole chunk)."""
 
-    calls: List[Tuple[float, int]]
+    seconds: List[float]
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         out = super().__call__(window)
-        self.calls.append((time.perf_counter() - start, out.size(1)))
+        self.seconds.append(time.perf_counter() - start)
         return out
 
-    def timed(self, xs: torch.Tensor) -> Tuple[List[Tuple[float, int]], int]:
-        """Encode ``(1, T, F)``: ``(seconds, output frames)`` per window (the
-        zero-padded last one counts whole) and the output frames kept."""
-        self.calls = []
+    def timed(self, xs: torch.Tensor) -> Tuple[List[float], int]:
+        """Encode ``(1, T, F)``: seconds per window and the output frames kept."""
+        self.seconds = []
         frames = self.encode(xs).size(1)
-        return self.calls, frames
+        return self.seconds, frames
 
 
 def onnx_streams(
@@ -97,13 +96,11 @@ def onnx_streams(
                 STREAMING["chunk_size"],
                 STREAMING["left_chunks"],
             )
-            files = {"chunk_onnx": path}
-            if "int8" in kinds:
+            files = {"chunk_onnx": path} if "onnx" in kinds else {}
+            if "int8" in kinds:  # quantized from the float file
                 int8 = quantize_onnx(path, workdir / f"{name}.stream.int8.onnx")
                 files["chunk_int8"] = int8
             for metric, file in files.items():
-                if metric == "chunk_onnx" and "onnx" not in kinds:
-                    continue
                 session = onnx_session(file, threads)
                 out.setdefault(metric, {})[name] = TimedOnnxStream(
                     session, rate, context
@@ -234,8 +231,8 @@ def run_streaming(
         log(f"streaming: output frames differ {out_frames}")
     repeats = repeats_for(estimate, conf)
     ort_times: Dict[str, Dict[str, List[float]]] = {
-        metric: {name: [] for name in streams}
-        for metric, streams in ort_streams.items()
+        metric: {name: [] for name in by_name}
+        for metric, by_name in ort_streams.items()
     }
     chunk_times: Dict[str, List[float]] = {name: [] for name in MODELS}
     totals: Dict[str, List[float]] = {name: [] for name in MODELS}
@@ -258,8 +255,8 @@ def run_streaming(
             for metric, by_name in ort_streams.items():
                 for name in names:
                     if name in by_name:
-                        calls, _ = by_name[name].timed(xs)
-                        ort_times[metric][name] += [t for t, n in calls if n > 0]
+                        seconds, _ = by_name[name].timed(xs)
+                        ort_times[metric][name] += seconds
     finally:
         gc.enable()
     base = dict(
