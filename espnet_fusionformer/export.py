@@ -287,47 +287,45 @@ def stream_windows(
     ]
 
 
-def check_stream(
+def compare_chunks(
     eager: torch.nn.Module,
-    scripted: torch.nn.Module,
+    step: Callable,
     chunk_size: int,
-    left_chunks: int = -1,
-    frames: int = STREAM_CHECK_FRAMES,
+    left_chunks: int,
+    frames: int,
+    atol: float,
+    what: str,
     seed: int = 0,
-    atol: float = STREAM_CHECK_ATOL,
-    what: str = "streaming TorchScript",
 ) -> float:
-    """Run ``scripted.forward_chunk`` and the eager ``eager.forward_chunk`` side by
-    side, chunk by chunk, on one random utterance.
+    """Feed one random utterance window by window to the eager
+    ``eager.forward_chunk`` and to ``step``, and compare outputs and caches.
+
+    ``step(window, offset, required_cache_size, ref)`` gets the eager result
+    ``ref = (output, att_cache, cnn_cache)`` of the window and returns its own
+    triple (``None``: stop here).
 
     Returns:
-        The largest absolute difference of outputs and caches.
+        The largest absolute difference.
 
     Raises:
         RuntimeError: on a shape mismatch or a difference beyond ``atol``.
     """
     embed = eager.embed
-    tokens = bool(embed.takes_tokens)
-    xs, _ = example_inputs(eager.input_size, [frames], seed=seed, tokens=tokens)
+    xs, _ = example_inputs(
+        eager.input_size, [frames], seed=seed, tokens=bool(embed.takes_tokens)
+    )
     required = chunk_size * left_chunks if left_chunks >= 0 else -1
-    empty = torch.zeros(0, 0, 0, 0)
-    ref_att = ref_cnn = out_att = out_cnn = empty
+    att = cnn = torch.zeros(0, 0, 0, 0)
     offset, worst = 0, 0.0
     windows = stream_windows(frames, chunk_size, embed.rate(), embed.min_input_length())
     for n, (start, end) in enumerate(windows):
-        chunk = xs[:, start:end]
+        window = xs[:, start:end]
         with torch.no_grad():
-            ref, ref_att, ref_cnn = eager.forward_chunk(
-                chunk, offset, required, ref_att, ref_cnn
-            )
-            out, out_att, out_cnn = scripted.forward_chunk(
-                chunk, offset, required, out_att, out_cnn
-            )
-        for name, a, b in (
-            ("output", out, ref),
-            ("att_cache", out_att, ref_att),
-            ("cnn_cache", out_cnn, ref_cnn),
-        ):
+            ref = eager.forward_chunk(window, offset, required, att, cnn)
+            got = step(window, offset, required, ref)
+        if got is None:
+            break
+        for name, a, b in zip(("output", "att_cache", "cnn_cache"), got, ref):
             if a.shape != b.shape:
                 raise RuntimeError(
                     f"{what}: chunk {n}: {name} of shape {tuple(a.shape)} differs "
@@ -340,8 +338,38 @@ def check_stream(
                     f"{what}: chunk {n}: {name} differs from eager forward_chunk by "
                     f"{diff:.3g} (chunk_size {chunk_size}, left_chunks {left_chunks})"
                 )
-        offset += ref.size(1)
+        _, att, cnn = ref
+        offset += ref[0].size(1)
     return worst
+
+
+def check_stream(
+    eager: torch.nn.Module,
+    scripted: torch.nn.Module,
+    chunk_size: int,
+    left_chunks: int = -1,
+    frames: int = STREAM_CHECK_FRAMES,
+    seed: int = 0,
+    atol: float = STREAM_CHECK_ATOL,
+    what: str = "streaming TorchScript",
+) -> float:
+    """Run ``scripted.forward_chunk`` and the eager ``eager.forward_chunk`` side by
+    side, chunk by chunk, on one random utterance (:func:`compare_chunks`).
+
+    Returns:
+        The largest absolute difference of outputs and caches.
+    """
+    caches = [torch.zeros(0, 0, 0, 0)] * 2  # the scripted model's own
+
+    def step(window, offset, required, ref):
+        out, caches[0], caches[1] = scripted.forward_chunk(
+            window, offset, required, caches[0], caches[1]
+        )
+        return out, caches[0], caches[1]
+
+    return compare_chunks(
+        eager, step, chunk_size, left_chunks, frames, atol, what, seed
+    )
 
 
 def stream_check_settings(encoder: torch.nn.Module) -> List[Tuple[int, int]]:
@@ -670,45 +698,27 @@ def check_onnx_stream(
 ) -> float:
     """Compare the ONNX chunk graph with the eager ``forward_chunk``
     (``required_cache_size = C * left_chunks``), window by window, on one random
-    utterance: outputs and the filled slots of both caches.
+    utterance: outputs and the filled slots of both caches (:func:`compare_chunks`).
 
     Returns:
         The largest absolute difference.
-
-    Raises:
-        RuntimeError: on a difference beyond ``atol``.
     """
     embed = eager.embed
-    rate, context = embed.rate(), embed.min_input_length()
-    stream = OnnxStream(session, rate, context)
-    xs, _ = example_inputs(eager.input_size, [frames], tokens=bool(embed.takes_tokens))
-    required = chunk_size * left_chunks
-    att = cnn = torch.zeros(0, 0, 0, 0)
-    offset, worst = 0, 0.0
-    for n, (start, end) in enumerate(stream_windows(frames, chunk_size, rate, context)):
-        window = xs[:, start:end]
-        if window.size(1) < stream.window:
-            break
-        with torch.no_grad():
-            ref, att, cnn = eager.forward_chunk(window, offset, required, att, cnn)
-        out = stream(window)
-        filled = att.size(2)
-        pairs = (
-            ("output", out, ref),
-            ("att_cache", torch.from_numpy(stream.att_cache[:, :, -filled:]), att),
-            ("cnn_cache", torch.from_numpy(stream.cnn_cache), cnn),
+    stream = OnnxStream(session, embed.rate(), embed.min_input_length())
+
+    def step(window, offset, required, ref):
+        if window.size(1) < stream.window:  # the graph takes whole windows only
+            return None
+        filled = ref[1].size(2)
+        return (
+            stream(window),
+            torch.from_numpy(
+                stream.att_cache[:, :, stream.att_cache.shape[2] - filled :]
+            ),
+            torch.from_numpy(stream.cnn_cache),
         )
-        for name, a, b in pairs:
-            diff = float((a - b).abs().max())
-            worst = max(worst, diff)
-            if a.shape != b.shape or diff > atol:
-                raise RuntimeError(
-                    f"{what}: chunk {n}: {name} differs from eager forward_chunk by "
-                    f"{diff:.3g} (shapes {tuple(a.shape)} / {tuple(b.shape)}; "
-                    f"chunk_size {chunk_size}, left_chunks {left_chunks})"
-                )
-        offset += ref.size(1)
-    return worst
+
+    return compare_chunks(eager, step, chunk_size, left_chunks, frames, atol, what)
 
 
 # -- description -------------------------------------------------------------------
