@@ -17,7 +17,7 @@ from espnet_fusionformer.blocks import (
     SelfAttention,
     exporting,
 )
-from espnet_fusionformer.fusable import Fusable
+from espnet_fusionformer.fusable import Fusable, scale_bn_inputs_
 from espnet_fusionformer.norm import make_norm
 from espnet_fusionformer.positions import POSITIONAL, make_positions
 from espnet_fusionformer.streaming import chunk_mask, sample_chunk
@@ -26,9 +26,15 @@ from espnet_fusionformer.subsampling import make_input_layer, valid_mask
 # normalization -> structure. "fusion" is the paper's FusionFormer; the others are
 # the LayerNorm Conformer and the two LayerNorm-free attempts the paper reports.
 # "scale_input": ESPnet's sqrt(D) input scale, which only a final LayerNorm cancels.
+# "bn_init_scale": the default of the option (see FusionFormerEncoder).
 NORMALIZATIONS: Dict[str, Dict] = {
     "fusion": dict(
-        batch_norm=True, pre_norm=None, glu=False, activation="relu", scale_input=False
+        batch_norm=True,
+        pre_norm=None,
+        glu=False,
+        activation="relu",
+        scale_input=False,
+        bn_init_scale=0.5,
     ),
     "layernorm": dict(
         batch_norm=False,
@@ -36,6 +42,7 @@ NORMALIZATIONS: Dict[str, Dict] = {
         glu=True,
         activation="swish",
         scale_input=True,
+        bn_init_scale=1.0,
     ),
     "batchnorm_in_place": dict(
         batch_norm=False,
@@ -43,9 +50,15 @@ NORMALIZATIONS: Dict[str, Dict] = {
         glu=True,
         activation="swish",
         scale_input=True,
+        bn_init_scale=1.0,
     ),
     "none": dict(
-        batch_norm=False, pre_norm=None, glu=True, activation="swish", scale_input=True
+        batch_norm=False,
+        pre_norm=None,
+        glu=True,
+        activation="swish",
+        scale_input=True,
+        bn_init_scale=1.0,
     ),
 }
 
@@ -203,6 +216,11 @@ class FusionFormerEncoder(AbsEncoder, Fusable):
             (LN removed). (Default: ``"fusion"``)
         activation: ``relu`` | ``swish`` | ...; ``None`` takes ReLU for ``fusion``,
             ``activation_type`` otherwise. (Default: ``None``)
+        bn_init_scale: factor on the initial weights of every layer a BatchNorm
+            follows. Such a weight is scale-invariant, so under Adam its effective
+            step is ``lr / |w|``: 0.5 doubles it, with the model's function at
+            initialization unchanged (up to BatchNorm's eps). ``None``: 0.5 for
+            ``fusion`` (measured in RESULTS.md), 1 otherwise. (Default: ``None``)
         sync_batchnorm: reduce BatchNorm statistics across ``torch.distributed``
             ranks (2 ranks then equal one process on both batches); off, each rank
             normalizes its own batch, as torch's BatchNorm under DDP, which
@@ -256,6 +274,7 @@ class FusionFormerEncoder(AbsEncoder, Fusable):
         use_flash_attn: bool = True,
         normalization: str = "fusion",
         activation: Optional[str] = None,
+        bn_init_scale: Optional[float] = None,
         sync_batchnorm: Optional[bool] = False,
         fuse_for_inference: bool = True,
         causal: bool = False,
@@ -413,6 +432,9 @@ class FusionFormerEncoder(AbsEncoder, Fusable):
 
         self.encoders = torch.nn.ModuleList([block(p) for p in depth_rates])
         self.after_norm = make_norm(pre_norm, output_size, sync)
+        if bn_init_scale is None:
+            bn_init_scale = structure["bn_init_scale"]
+        scale_bn_inputs_(self, bn_init_scale)
         self._fused_copy = None  # (state key, fused copy); a cache, see fused_copy()
 
     @staticmethod

@@ -104,3 +104,17 @@ def linear_bn(
     beta."""
     linear = torch.nn.Linear(in_features, out_features, bias=not batch_norm)
     return LayerBN(linear, batch_norm, sync, relu)
+
+
+def scale_bn_inputs_(module: torch.nn.Module, scale: float) -> None:
+    """Multiply the weight of every layer of ``module`` that a BatchNorm follows by
+    ``scale`` (an initialization: the BatchNorm makes the output independent of it,
+    so under Adam it sets the layer's effective step ``lr / |w|``)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"bn_init_scale must be > 0, got {scale}")
+    if scale == 1.0:
+        return
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, LayerBN) and m.bn is not None:
+                m.layer.weight.mul_(scale)

@@ -253,6 +253,32 @@ def test_glu_removal_halves_the_first_pointwise_conv():
     assert conformer.pointwise_conv1.layer.out_features == 64
 
 
+def test_bn_init_scale_shrinks_only_batchnorm_preceded_weights():
+    """FusionFormer starts its BN-preceded weights at half scale (twice Adam's
+    effective step); the BatchNorms make the function at initialization the same."""
+    half, one = make_encoder(), make_encoder(bn_init_scale=1.0)
+    a, b = half.state_dict(), one.state_dict()
+    scaled = [
+        k
+        for k in a
+        if k.endswith("layer.weight")
+        and "bn.weight" in k.replace("layer.weight", "bn.weight")
+        and k.replace("layer.weight", "bn.weight") in a
+    ]
+    assert len(scaled) == 2 * 11 + 3  # one per BatchNorm
+    for k in a:
+        torch.testing.assert_close(a[k], 0.5 * b[k] if k in scaled else b[k])
+    xs, ys = batch([64, 40]), []
+    for encoder in (half, one):
+        torch.manual_seed(1)  # the same dropout masks
+        ys.append(encoder.train()(*xs)[0])
+    torch.testing.assert_close(*ys, rtol=0, atol=1e-2)  # up to BatchNorm's eps
+    layernorm = make_encoder(normalization="layernorm")
+    reference = make_encoder(normalization="layernorm", bn_init_scale=1.0)
+    for k, v in layernorm.state_dict().items():
+        assert torch.equal(v, reference.state_dict()[k]), k
+
+
 def test_conformer_encoder_conf_is_accepted():
     """An ESPnet conformer encoder_conf works after changing only ``encoder:``."""
     encoder = make_encoder(
@@ -282,6 +308,8 @@ def test_conformer_encoder_conf_is_accepted():
         ({"input_layer": "fff"}, "unknown input_layer 'fff'"),
         ({"input_layer": None}, "input_layer None needs input_size"),
         ({"cnn_module_kernel": 8}, "must be odd"),
+        ({"bn_init_scale": 0.0}, "bn_init_scale must be > 0, got 0.0"),
+        ({"bn_init_scale": "half"}, "bn_init_scale must be > 0, got half"),
         ({"attention_heads": 5}, "not divisible"),
         ({"rel_pos_type": "dummy"}, "unknown rel_pos_type 'dummy'"),
         ({"pos_enc_layer_type": "dummy"}, "unknown pos_enc_layer_type 'dummy'"),
