@@ -359,13 +359,12 @@ def check_stream(
     Returns:
         The largest absolute difference of outputs and caches.
     """
-    caches = [torch.zeros(0, 0, 0, 0)] * 2  # the scripted model's own
+    att = cnn = torch.zeros(0, 0, 0, 0)  # the scripted model's own caches
 
     def step(window, offset, required, ref):
-        out, caches[0], caches[1] = scripted.forward_chunk(
-            window, offset, required, caches[0], caches[1]
-        )
-        return out, caches[0], caches[1]
+        nonlocal att, cnn
+        out, att, cnn = scripted.forward_chunk(window, offset, required, att, cnn)
+        return out, att, cnn
 
     return compare_chunks(
         eager, step, chunk_size, left_chunks, frames, atol, what, seed

@@ -261,9 +261,7 @@ def test_bn_init_scale_shrinks_only_batchnorm_preceded_weights():
     scaled = [
         k
         for k in a
-        if k.endswith("layer.weight")
-        and "bn.weight" in k.replace("layer.weight", "bn.weight")
-        and k.replace("layer.weight", "bn.weight") in a
+        if k.endswith("layer.weight") and k.replace("layer.weight", "bn.weight") in a
     ]
     assert len(scaled) == 2 * 11 + 3  # one per BatchNorm
     for k in a:
