@@ -10,7 +10,8 @@ float (eager and ``torch.compile``), and its weight-only int8 is slower than flo
 
 Every ``Gemm`` is first rewritten as ``MatMul + Add`` (``gemm_to_matmul``):
 ``quantize_dynamic`` only quantizes ``MatMul``, and the fused encoder's
-feed-forward layers export as ``Gemm``.
+feed-forward layers export as ``Gemm``. Afterwards the subsampling's inputs are
+quantized before their im2col slices (``quantize_before_slicing``).
 
 Use it from ``Speech2Text``::
 
@@ -89,6 +90,82 @@ def gemm_to_matmul(model) -> int:
     return count
 
 
+def quantize_before_slicing(model) -> int:
+    """Quantize im2col inputs once, before slicing (in place).
+
+    ``quantize_dynamic`` quantizes a ``MatMul``'s input where the matmul reads it:
+    for the subsampling's convolutions (``subsampling.conv2d_as_matmul``) that is
+    after the float slices and their ``Concat``, a float copy of ``k * k`` times
+    the convolution's input. Each ``DynamicQuantizeLinear`` of a ``Concat`` of
+    ``Slice`` chains from one tensor is moved before the slices: the tensor is
+    quantized once and sliced and concatenated as uint8 (a quarter of the bytes).
+    The scale is computed over the whole input rather than over the slices (the
+    same range up to the unread border frames).
+
+    Returns:
+        The number of moved quantizations.
+    """
+    from collections import defaultdict
+
+    from onnx import helper
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    users = defaultdict(int)
+    for node in graph.node:
+        for name in node.input:
+            users[name] += 1
+    order = {id(node): i for i, node in enumerate(graph.node)}
+    drop, insert = set(), {}
+    for quant in graph.node:
+        concat = (
+            producer.get(quant.input[0])
+            if quant.op_type == "DynamicQuantizeLinear"
+            else None
+        )
+        if concat is None or concat.op_type != "Concat" or users[concat.output[0]] != 1:
+            continue
+        chain, roots = [], set()
+        for name in concat.input:
+            node = producer.get(name)
+            if node is None or node.op_type != "Slice":
+                roots.add(None)
+            while node is not None and node.op_type == "Slice":
+                chain.append(node)
+                name = node.input[0]
+                node = producer.get(name)
+            roots.add(name)
+        if len(roots) != 1 or None in roots:
+            continue
+        root = roots.pop()
+        quantized = f"{root}_quantized_for_slices"
+        moved = helper.make_node(
+            "DynamicQuantizeLinear",
+            [root],
+            [quantized, quant.output[1], quant.output[2]],
+            f"{quant.name}_before_slices",
+        )
+        for node in chain:
+            if node.input[0] == root:
+                node.input[0] = quantized
+        concat.output[0] = quant.output[0]  # the uint8 Concat feeds the matmul
+        stale = {out for node in chain for out in node.output}
+        kept = [v for v in graph.value_info if v.name not in stale]  # now uint8
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        drop.add(id(quant))
+        insert[id(min(chain, key=lambda node: order[id(node)]))] = moved
+    nodes = []
+    for node in graph.node:
+        if id(node) in insert:
+            nodes.append(insert[id(node)])
+        if id(node) not in drop:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(drop)
+
+
 def quantize_onnx(src, dst, per_channel: bool = False) -> Path:
     """int8 dynamic quantization of an ONNX file's weight matmuls.
 
@@ -120,6 +197,9 @@ def quantize_onnx(src, dst, per_channel: bool = False) -> Path:
             weight_type=QuantType.QInt8,
             extra_options={"MatMulConstBOnly": True},
         )
+    model = onnx.load(str(dst))
+    if quantize_before_slicing(model):
+        onnx.save(model, str(dst))
     return dst
 
 

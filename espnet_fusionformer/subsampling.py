@@ -29,24 +29,33 @@ SUBSAMPLING = {
 }
 
 
-def conv2d_as_matmul(conv: torch.nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-    """``conv`` (square kernel and stride, no padding) as strided slices and one
-    matmul: ``(B, T, F, Cin)`` channels-last -> ``(B, T', F', Cout)``.
-
-    The ONNX form of the subsampling's inner convolutions: ONNX Runtime's dynamic
-    int8 quantizer quantizes ``MatMul`` (its ``ConvInteger`` measured 2x slower
-    than float), so this is what lets int8 cover the model's largest layer
-    (``docs/bench/README.md``); in float it runs as fast as the ``Conv``.
-    """
-    k, s = conv.kernel_size[0], conv.stride[0]
+def patches(h: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """im2col by strided slices: ``(B, T, F, C)`` channels-last -> ``(B, T', F',
+    kernel * kernel * C)``, in a conv weight's (kernel row, column, channel) order
+    (no padding; ``T' = (T - kernel) // stride + 1``, ``F'`` alike)."""
+    k, s = kernel, stride
     t, f = (h.size(1) - k) // s + 1, (h.size(2) - k) // s + 1
     cols = [
         h[:, i : i + s * (t - 1) + 1 : s, j : j + s * (f - 1) + 1 : s]
         for i in range(k)
         for j in range(k)
-    ]  # k*k views (B, T', F', Cin), in the weight's (kernel row, column) order
+    ]  # k * k views (B, T', F', C)
+    return torch.cat(cols, -1)
+
+
+def conv2d_as_matmul(conv: torch.nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """``conv`` (square kernel and stride, no padding) as strided slices and one
+    matmul: ``(B, T, F, Cin)`` channels-last -> ``(B, T', F', Cout)``.
+
+    The ONNX form of the subsampling's convolutions: ONNX Runtime's dynamic int8
+    quantizer quantizes ``MatMul`` (its ``ConvInteger`` measured 2x slower than
+    float), so this is what lets int8 cover the model's largest layer, and
+    ``quantize.quantize_before_slicing`` then slices the int8 input
+    (``docs/bench/README.md``); in float it runs as fast as the ``Conv``.
+    """
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
-    return torch.nn.functional.linear(torch.cat(cols, -1), weight, conv.bias)
+    cols = patches(h, conv.kernel_size[0], conv.stride[0])
+    return torch.nn.functional.linear(cols, weight, conv.bias)
 
 
 def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -196,24 +205,25 @@ class Conv2dSubsampling(InputLayer):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Fused form of ``forward``: channels-last convolutions, no transposes."""
         kernel, stride = self.specs[0]
-        if exporting():  # ONNX has no dynamic unfold; a Conv2d exports (and fuses)
-            weight = self.conv_in.weight.view(-1, 1, kernel, kernel)
-            h = torch.nn.functional.conv2d(
-                x.unsqueeze(1), weight, self.conv_in.bias, stride
-            ).relu()  # (B, C, T1, F1)
-        else:
-            patches = x.unfold(1, kernel, stride).unfold(2, kernel, stride)
-            b, t, f = patches.shape[:3]  # (B, T1, F1, k, k)
-            h = torch.relu_(self.conv_in(patches.reshape(b, t, f, kernel * kernel)))
-            h = h.permute(0, 3, 1, 2)  # (B, C, T1, F1) view of channels-last memory
-        b = h.size(0)
+        b = x.size(0)
         lengths = self.output_lengths(lengths)
         if torch.onnx.is_in_onnx_export():  # MatMuls, which int8 quantizes
-            h = h.permute(0, 2, 3, 1)  # (B, T1, F1, C)
-            for conv in self.convs:
+            # channels-last throughout: no NCHW reorder of the largest activation
+            h = torch.relu(self.conv_in(patches(x.unsqueeze(-1), kernel, stride)))
+            for conv in self.convs:  # (B, T', F', C)
                 h = conv2d_as_matmul(conv.layer, h)
                 h = h.relu() if conv.relu else h
         else:
+            if exporting():  # TorchScript: no dynamic unfold; a Conv2d traces
+                weight = self.conv_in.weight.view(-1, 1, kernel, kernel)
+                h = torch.nn.functional.conv2d(
+                    x.unsqueeze(1), weight, self.conv_in.bias, stride
+                ).relu()  # (B, C, T1, F1)
+            else:
+                cols = x.unfold(1, kernel, stride).unfold(2, kernel, stride)
+                t, f = cols.shape[1:3]  # (B, T1, F1, k, k)
+                h = torch.relu_(self.conv_in(cols.reshape(b, t, f, kernel * kernel)))
+                h = h.permute(0, 3, 1, 2)  # (B, C, T1, F1) view of channels-last
             for conv in self.convs:
                 h = conv(h, None)
             h = h.permute(0, 2, 3, 1)  # (B, T', F', C)
