@@ -415,6 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         ),
         asr_train_config=str(args.asr_train_config),
         asr_model_file=str(args.asr_model_file),
+        beam_size=args.beam_size,
+        ctc_weight=args.ctc_weight,
+        threads=args.threads,
         hyps=dict(float=results["float"]["hyps"], int8=results["int8"]["hyps"]),
     )
     (out / "int8_cer.json").write_text(json.dumps(report, indent=1))

@@ -27,6 +27,7 @@ pytest.importorskip("onnxruntime")
 from espnet_fusionformer.bench import get_parser, main, resolve  # noqa: E402
 from espnet_fusionformer.bench.timing import (  # noqa: E402
     finish_row,
+    now,
     summarize,
     time_interleaved,
 )
@@ -262,6 +263,26 @@ def test_interleaving_alternates_the_order():
     times = time_interleaved({k: (lambda k=k: calls.append(k)) for k in "abc"}, conf)
     assert calls[3:] == list("abccbaabccba")  # after one warm-up call each
     assert all(len(t) == 4 for t in times.values())
+
+
+def test_one_thread_settings_are_timed_in_cpu_time():
+    # with one thread the clock leaves out time the process does not compute (the
+    # host's other processes); with more threads it is wall time
+    import torch
+
+    threads = torch.get_num_threads()
+
+    def slept(n):
+        torch.set_num_threads(n)
+        start = now()
+        time.sleep(0.3)
+        return now() - start
+
+    try:
+        assert slept(1) < 0.1
+        assert slept(2) >= 0.3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_options():

@@ -172,6 +172,7 @@ def test_cer_cli_decodes_float_and_int8(tmp_path, tiny_data):
     )
     written = json.loads((tmp_path / "cer" / "int8_cer.json").read_text())
     assert written["utterances"] == 3 == len(written["hyps"]["int8"])
+    assert (written["beam_size"], written["ctc_weight"]) == (2, 0.3)  # as decoded
     assert written["cer_diff"] == pytest.approx(
         written["cer_int8"] - written["cer_float"], abs=0.011
     )

@@ -4,7 +4,6 @@ the causal, fused FusionFormer and its LayerNorm twin (``forward_chunk`` through
 ``ContextualBlockConformerEncoder.forward_infer``, on one utterance."""
 
 import gc
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -20,7 +19,13 @@ from espnet_fusionformer.bench.cases import (
     parameters,
     streaming_models,
 )
-from espnet_fusionformer.bench.timing import finish_row, repeats_for, summarize
+from espnet_fusionformer.bench.timing import (
+    clock_name,
+    finish_row,
+    now,
+    repeats_for,
+    summarize,
+)
 from espnet_fusionformer.export import OnnxStream
 from espnet_fusionformer.streaming import encode_chunk_by_chunk
 
@@ -39,9 +44,9 @@ class TimedChunks:
         self.calls: List[Tuple[float, int]] = []
 
     def forward_chunk(self, *args):
-        start = time.perf_counter()
+        start = now()
         out = self.encoder.forward_chunk(*args)
-        self.calls.append((time.perf_counter() - start, out[0].size(1)))
+        self.calls.append((now() - start, out[0].size(1)))
         return out
 
 
@@ -62,9 +67,9 @@ class TimedOnnxStream(OnnxStream):
     seconds: List[float]
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
+        start = now()
         out = super().__call__(window)
-        self.seconds.append(time.perf_counter() - start)
+        self.seconds.append(now() - start)
         return out
 
     def timed(self, xs: torch.Tensor) -> Tuple[List[float], int]:
@@ -131,11 +136,11 @@ def cbc_stream(encoder, xs: torch.Tensor) -> List[Tuple[float, int]]:
         for start in range(0, xs.size(1), feed):
             piece = xs[:, start : start + feed]
             final = start + feed >= xs.size(1)
-            t0 = time.perf_counter()
+            t0 = now()
             ys, _, states = encoder.forward_infer(
                 piece, torch.tensor([piece.size(1)]), states, is_final=final
             )
-            calls.append((time.perf_counter() - t0, ys.size(1)))
+            calls.append((now() - t0, ys.size(1)))
     return calls
 
 
@@ -211,19 +216,19 @@ def run_streaming(
     out_frames, n_calls = {}, {}
     for name in MODELS:
         for _ in range(max(conf["warmup"], 1)):
-            start = time.perf_counter()
+            start = now()
             calls = streams[name]()
             firsts[name][1]()
-            last = time.perf_counter() - start
+            last = now() - start
         estimate += last
         out_frames[name] = sum(n for _, n in calls)
         n_calls[name] = len(calls)
     for metric, by_name in ort_streams.items():
         for name, stream in by_name.items():
             for _ in range(max(conf["warmup"], 1)):
-                start = time.perf_counter()
+                start = now()
                 _, frames = stream.timed(xs)
-                last = time.perf_counter() - start
+                last = now() - start
             estimate += last
             if frames != out_frames[name]:
                 log(f"streaming {metric} {name}: other output frames than eager")
@@ -248,9 +253,9 @@ def run_streaming(
                 chunk_times[name] += [t for t, n in calls if n > 0]
                 totals[name].append(sum(t for t, _ in calls))
             for name in names:
-                start = time.perf_counter()
+                start = now()
                 firsts[name][1]()
-                compute = time.perf_counter() - start
+                compute = now() - start
                 first[name].append(firsts[name][0] / FRAMES_PER_SECOND + compute)
             for metric, by_name in ort_streams.items():
                 for name in names:
@@ -329,7 +334,8 @@ def streaming_notes(conf: Dict) -> List[str]:
         f"{STREAMING['block_size']}, hop_size {STREAMING['hop_size']}, look_ahead "
         f"{STREAMING['look_ahead']}), forward_infer fed {STREAMING['hop_size'] * 4} "
         "input frames (640 ms) per call, is_final on the last. Encoders only.",
-        "Per-chunk latency: wall time of every call that returned encoder output "
+        f"Per-chunk latency: {clock_name(conf['batch_threads'])} of every call "
+        "that returned encoder output "
         "(all repeats pooled; median and 90th percentile). Real-time factor: total "
         "compute of the whole stream / audio duration (median over repeats).",
         "First-token latency (encoder only) = the audio the first output waits for "
