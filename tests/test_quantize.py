@@ -67,19 +67,26 @@ def test_int8_file_has_integer_matmuls_and_stays_close(float_onnx, tmp_path):
     # per block: 2 FFNs x 2, q/k/v + output, 2 pointwise convs; none left in float
     assert names.count("MatMulInteger") >= 2 * (4 + 2 + 2) + 1
     assert "Gemm" not in names
-    # the subsampling's convs (the inner one is the largest layer) are int8
-    # MatMuls too: the float Convs left are the depthwise convs
+    # the subsampling's convs export as MatMuls (no Conv but the depthwise ones);
+    # the first, over the raw features' 3x3 patches (9 inputs), stays float ...
     assert names.count("Conv") == TINY["num_blocks"]
-    # ... and their inputs are quantized before the im2col slices: each
-    # subsampling conv's Concat of slices is uint8 and feeds a MatMulInteger
     model = onnx.load(str(int8))
+    inits = {t.name: t for t in model.graph.initializer}
+    float_weights = [
+        list(inits[n.input[1]].dims)
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in inits
+    ]
+    assert float_weights == [[9, TINY["output_size"]]]
+    # ... and the inner one (the largest layer) is int8, its input quantized before
+    # the im2col slices: its Concat of slices is uint8 and feeds a MatMulInteger
     producer = {o: n for n in model.graph.node for o in n.output}
     integer_inputs = [
         producer[n.input[0]].op_type
         for n in model.graph.node
         if n.op_type == "MatMulInteger"
     ]
-    assert integer_inputs.count("Concat") == 2
+    assert integer_inputs.count("Concat") == 1
     weights = [i for i in onnx.load(str(int8)).graph.initializer if i.data_type == 3]
     assert sum(np.prod(w.dims) for w in weights) > 2 * 4 * 32 * 64  # int8 weights
     xs, ilens = batch([120, 80])
