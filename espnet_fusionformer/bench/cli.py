@@ -333,8 +333,11 @@ def notes(conf: Dict) -> List[str]:
         "optimizations.",
         "int8: each encoder's ONNX file quantized the same way with ONNX "
         "Runtime's quantize_dynamic (int8 weights, per-tensor; activations "
-        "quantized per call; MatMul with a constant weight, every Gemm first "
-        "rewritten as MatMul + Add), run like the float ONNX rows "
+        "quantized per call; MatMul with a constant weight of >= 16 input "
+        "features, every Gemm first rewritten as MatMul + Add; the inputs of the "
+        "subsampling's MatMuls quantized once, before their im2col slices; "
+        "ESPnet's Conv subsampling is not a MatMul and stays float), run like the "
+        "float ONNX rows "
         "(espnet_fusionformer.quantize).",
         "Training step: the full ESPnet ASR model (frontend, SpecAugment, "
         "normalize, encoder, decoder, CTC) built by ASRTask.build_model from the "

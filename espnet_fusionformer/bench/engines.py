@@ -164,7 +164,8 @@ def build_exports(
                 )
                 entry["method"] = (
                     "onnxruntime.quantization.quantize_dynamic (QInt8 weights, "
-                    "MatMul with constant B; Gemm rewritten as MatMul+Add)"
+                    "MatMul with constant B and >= 16 inputs; Gemm rewritten as "
+                    "MatMul+Add; im2col inputs quantized before slicing)"
                 )
                 entry["size_mb"] = round(path.stat().st_size / 1e6, 1)
                 entry.update(int8_error(wrapper, onnx_session(path, 1)))
