@@ -114,14 +114,15 @@ def quantize_before_slicing(model) -> int:
     from onnx import helper
 
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
+    nodes = list(graph.node)  # held, so that id() of each node stays its own
+    producer = {out: node for node in nodes for out in node.output}
     users = defaultdict(int)
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             users[name] += 1
-    order = {id(node): i for i, node in enumerate(graph.node)}
+    order = {id(node): i for i, node in enumerate(nodes)}
     drop, insert = set(), {}
-    for quant in graph.node:
+    for quant in nodes:
         concat = (
             producer.get(quant.input[0])
             if quant.op_type == "DynamicQuantizeLinear"
@@ -139,8 +140,16 @@ def quantize_before_slicing(model) -> int:
                 name = node.input[0]
                 node = producer.get(name)
             roots.add(name)
-        if len(roots) != 1 or None in roots:
-            continue
+        stale = {out for node in chain for out in node.output}
+        inside = {id(node) for node in chain} | {id(concat)}
+        readers = [n for n in nodes if id(n) not in inside]
+        if (
+            len(roots) != 1
+            or None in roots
+            or any(name in stale for n in readers for name in n.input)
+            or any(out.name in stale for out in graph.output)
+        ):
+            continue  # not one tensor's im2col, or a slice is read elsewhere too
         root = roots.pop()
         quantized = f"{root}_quantized_for_slices"
         moved = helper.make_node(
@@ -153,20 +162,19 @@ def quantize_before_slicing(model) -> int:
             if node.input[0] == root:
                 node.input[0] = quantized
         concat.output[0] = quant.output[0]  # the uint8 Concat feeds the matmul
-        stale = {out for node in chain for out in node.output}
         kept = [v for v in graph.value_info if v.name not in stale]  # now uint8
         del graph.value_info[:]
         graph.value_info.extend(kept)
         drop.add(id(quant))
         insert[id(min(chain, key=lambda node: order[id(node)]))] = moved
-    nodes = []
-    for node in graph.node:
+    rewritten = []
+    for node in nodes:
         if id(node) in insert:
-            nodes.append(insert[id(node)])
+            rewritten.append(insert[id(node)])
         if id(node) not in drop:
-            nodes.append(node)
+            rewritten.append(node)
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(rewritten)
     return len(drop)
 
 
@@ -178,6 +186,7 @@ def narrow_matmuls(model) -> List[str]:
         node.name
         for node in model.graph.node
         if node.op_type == "MatMul"
+        and node.name
         and node.input[1] in inits
         and inits[node.input[1]].dims[0] < MIN_QUANTIZED_INPUTS
     ]

@@ -26,6 +26,7 @@ from espnet_fusionformer.quantize import (  # noqa: E402
     gemm_to_matmul,
     main,
     quantize,
+    quantize_before_slicing,
     quantize_onnx,
 )
 from espnet_fusionformer.streaming import encode_chunk_by_chunk  # noqa: E402
@@ -57,6 +58,74 @@ def test_gemm_to_matmul_keeps_the_outputs(float_onnx, tmp_path):
     b, blens, _ = out(xs, ilens)
     assert torch.equal(alens, blens)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _im2col_graph(extra_reader: bool):
+    """x (1, 6, 8) -> two strided slices -> Concat -> DynamicQuantizeLinear ->
+    MatMulInteger -> y; with ``extra_reader`` one slice is also a graph output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, values):
+        return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+    weight = (np.arange(64).reshape(16, 4) - 32).astype(np.int8)  # (2 * 8, 4)
+    nodes = [
+        helper.make_node("Slice", ["x", "s0", "e0", "ax", "st"], ["a"], "slice_a"),
+        helper.make_node("Slice", ["x", "s1", "e1", "ax", "st"], ["b"], "slice_b"),
+        helper.make_node("Concat", ["a", "b"], ["cols"], "concat", axis=-1),
+        helper.make_node("DynamicQuantizeLinear", ["cols"], ["q", "sc", "zp"], "dql"),
+        helper.make_node("MatMulInteger", ["q", "w", "zp"], ["y"], "mm"),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.INT32, None)]
+    if extra_reader:
+        outputs.append(helper.make_tensor_value_info("a", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes,
+        "im2col",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8])],
+        outputs,
+        [
+            const("s0", [0]),
+            const("e0", [5]),
+            const("s1", [1]),
+            const("e1", [6]),
+            const("ax", [1]),
+            const("st", [2]),
+            numpy_helper.from_array(weight, "w"),
+        ],
+    )
+    # the float value_info of the slices, as onnx export writes it
+    graph.value_info.extend(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 8]) for n in "ab"
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_quantize_before_slicing_moves_the_quantization_of_an_im2col(tmp_path):
+    import onnxruntime as ort
+
+    x = np.abs(np.random.default_rng(0).standard_normal((1, 6, 8))).astype("float32")
+
+    def run(model):
+        path = tmp_path / "m.onnx"
+        onnx.save(model, str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["y"], {"x": x})[0]
+
+    before = run(_im2col_graph(False))
+    model = _im2col_graph(False)
+    assert quantize_before_slicing(model) == 1
+    ops_ = [n.op_type for n in model.graph.node]
+    # one quantization, of x itself, before the slices; the Concat is uint8
+    assert (
+        ops_[0] == "DynamicQuantizeLinear" and ops_.count("DynamicQuantizeLinear") == 1
+    )
+    assert model.graph.node[0].input[0] == "x"
+    np.testing.assert_array_equal(run(model), before)  # x's range = the slices'
+    # a slice that is also read elsewhere must stay float: nothing moves
+    shared = _im2col_graph(True)
+    assert quantize_before_slicing(shared) == 0
+    assert [n.op_type for n in shared.graph.node][3] == "DynamicQuantizeLinear"
 
 
 def test_int8_file_has_integer_matmuls_and_stays_close(float_onnx, tmp_path):
