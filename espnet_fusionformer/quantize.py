@@ -109,26 +109,18 @@ def quantize_before_slicing(model) -> int:
     Returns:
         The number of moved quantizations.
     """
-    from collections import defaultdict
-
     from onnx import helper
 
     graph = model.graph
     nodes = list(graph.node)  # held, so that id() of each node stays its own
     producer = {out: node for node in nodes for out in node.output}
-    users = defaultdict(int)
-    for node in nodes:
-        for name in node.input:
-            users[name] += 1
     order = {id(node): i for i, node in enumerate(nodes)}
     drop, insert = set(), {}
     for quant in nodes:
-        concat = (
-            producer.get(quant.input[0])
-            if quant.op_type == "DynamicQuantizeLinear"
-            else None
-        )
-        if concat is None or concat.op_type != "Concat" or users[concat.output[0]] != 1:
+        if quant.op_type != "DynamicQuantizeLinear":
+            continue
+        concat = producer.get(quant.input[0])
+        if concat is None or concat.op_type != "Concat":
             continue
         chain, roots = [], set()
         for name in concat.input:
@@ -140,8 +132,9 @@ def quantize_before_slicing(model) -> int:
                 name = node.input[0]
                 node = producer.get(name)
             roots.add(name)
-        stale = {out for node in chain for out in node.output}
-        inside = {id(node) for node in chain} | {id(concat)}
+        # tensors that turn uint8: only the chain, the Concat and quant may read them
+        stale = {out for node in chain for out in node.output} | {concat.output[0]}
+        inside = {id(node) for node in (*chain, concat, quant)}
         readers = [n for n in nodes if id(n) not in inside]
         if (
             len(roots) != 1
