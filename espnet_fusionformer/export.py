@@ -903,15 +903,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         ).name
         logging.info("wrote %s", outdir / files["onnx"])
     if args.int8 and ("onnx" in args.format or "onnx_stream" not in args.format):
-        from espnet_fusionformer.quantize import quantize_onnx
+        from espnet_fusionformer.quantize import export_int8
 
-        source = outdir / "encoder.onnx"
-        if "onnx" not in args.format:  # quantize a temporary float export
-            source = export_onnx(encoder, outdir / "encoder.float.onnx", args.opset)
-        files["int8"] = quantize_onnx(source, outdir / "encoder.int8.onnx").name
-        if "onnx" not in args.format:
-            source.unlink()
-        logging.info("wrote %s", outdir / files["int8"])
+        int8 = export_int8(
+            lambda src: export_onnx(encoder, src, args.opset, args.verify, ctc),
+            outdir / "encoder.int8.onnx",
+        )
+        files["int8"] = int8.name
+        logging.info("wrote %s", int8)
     if "torchscript" in args.format:
         files["torchscript"] = export_torchscript(
             encoder, outdir / "encoder.pt", args.verify, ctc
@@ -934,9 +933,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         files["onnx_stream"] = stream.name
         logging.info("wrote %s", stream)
         if args.int8:
-            from espnet_fusionformer.quantize import quantize_onnx
+            from espnet_fusionformer.quantize import export_int8
 
-            int8 = quantize_onnx(stream, outdir / "encoder_stream.int8.onnx")
+            int8 = export_int8(
+                lambda src: export_onnx_stream(
+                    encoder, src, chunk_size, left_chunks, args.opset, args.verify
+                ),
+                outdir / "encoder_stream.int8.onnx",
+            )
             files["onnx_stream_int8"] = int8.name
             logging.info("wrote %s", int8)
 

@@ -10,7 +10,8 @@ utterance gives the same frames alone or inside a padded batch. ``linear`` is
 ``embed`` an embedding of token ids ``(B, T)``, ``None`` the features themselves.
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+import contextlib
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError
@@ -47,15 +48,64 @@ def conv2d_as_matmul(conv: torch.nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
     """``conv`` (square kernel and stride, no padding) as strided slices and one
     matmul: ``(B, T, F, Cin)`` channels-last -> ``(B, T', F', Cout)``.
 
-    The ONNX form of the subsampling's convolutions: ONNX Runtime's dynamic int8
-    quantizer quantizes ``MatMul`` (its ``ConvInteger`` measured 2x slower than
-    float), so this is what lets int8 cover the model's largest layer, and
+    The ONNX form of the subsampling's inner convolutions (all of them under
+    ``im2col_export``, the int8 form): ONNX Runtime's dynamic int8 quantizer
+    quantizes ``MatMul`` (its ``ConvInteger`` measured 2x slower than float), so
+    this is what lets int8 cover the model's largest layer, and
     ``quantize.quantize_before_slicing`` then slices the int8 input
-    (``docs/bench/README.md``); in float it runs as fast as the ``Conv``.
+    (``docs/bench/README.md``).
     """
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
     cols = patches(h, conv.kernel_size[0], conv.stride[0])
     return torch.nn.functional.linear(cols, weight, conv.bias)
+
+
+def two_convs_by_taps(
+    x: torch.Tensor, conv_in: torch.nn.Linear, kernel: int, stride: int, conv
+) -> torch.Tensor:
+    """The first two convolutions straight from the input, one matmul per tap of
+    the second: ``(B, T, F)`` -> ``(B, T2, F2, C)``, ``conv``'s output before its
+    ReLU.
+
+    ``conv_in`` is the first conv (one input channel, ``kernel``, ``stride``) as a
+    matmul over patches, ``conv`` the second (``torch.nn.Conv2d``, square). Tap
+    ``(i, j)`` of ``conv`` reads the first conv's output on a grid of stride
+    ``stride * conv.stride``, which is ``conv_in`` of the input's patches on that
+    grid: so no copy of the first conv's output, the largest activation, is
+    sliced into an im2col matrix (the float ONNX form; ``docs/bench/README.md``).
+    """
+    k2, s2 = conv.kernel_size[0], conv.stride[0]
+    window = stride * (k2 - 1) + kernel  # input rows/columns of one output
+    cols = patches(x.unsqueeze(-1), window, stride * s2)  # (B, T2, F2, window**2)
+    b, t, f = cols.shape[:3]
+    cols = cols.reshape(-1, window, window)  # 2-D matmuls: bias and ReLU fuse
+    out = None
+    for i in range(k2):
+        for j in range(k2):
+            rows = cols[:, stride * i : stride * i + kernel]
+            tap = rows[:, :, stride * j : stride * j + kernel].reshape(-1, kernel**2)
+            h = torch.relu(conv_in(tap))  # (B * T2 * F2, C): first conv, tap's grid
+            bias = conv.bias if out is None else None
+            y = torch.nn.functional.linear(h, conv.weight[:, :, i, j], bias)
+            out = y if out is None else out + y
+    return out.view(b, t, f, -1)
+
+
+_IM2COL = False  # ONNX form of the subsampling: see ``im2col_export``
+
+
+@contextlib.contextmanager
+def im2col_export() -> Iterator[None]:
+    """ONNX export in the form that int8 quantizes best: every convolution as
+    im2col slices and one matmul (``conv2d_as_matmul``), whose input
+    ``quantize.quantize_before_slicing`` quantizes once. The float form
+    (``two_convs_by_taps``) measured faster in float and slower in int8."""
+    global _IM2COL
+    saved, _IM2COL = _IM2COL, True
+    try:
+        yield
+    finally:
+        _IM2COL = saved
 
 
 def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -207,10 +257,15 @@ class Conv2dSubsampling(InputLayer):
         kernel, stride = self.specs[0]
         b = x.size(0)
         lengths = self.output_lengths(lengths)
-        if torch.onnx.is_in_onnx_export():  # MatMuls, which int8 quantizes
-            # channels-last throughout: no NCHW reorder of the largest activation
-            h = torch.relu(self.conv_in(patches(x.unsqueeze(-1), kernel, stride)))
-            for conv in self.convs:  # (B, T', F', C)
+        if torch.onnx.is_in_onnx_export():  # MatMuls, channels-last throughout
+            convs = list(self.convs)  # (no NCHW reorder of the largest activation)
+            if _IM2COL:
+                h = torch.relu(self.conv_in(patches(x.unsqueeze(-1), kernel, stride)))
+            else:
+                conv = convs.pop(0)
+                h = two_convs_by_taps(x, self.conv_in, kernel, stride, conv.layer)
+                h = h.relu() if conv.relu else h
+            for conv in convs:  # (B, T', F', C)
                 h = conv2d_as_matmul(conv.layer, h)
                 h = h.relu() if conv.relu else h
         else:

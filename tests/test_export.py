@@ -2,6 +2,7 @@
 other lengths than the traced one; training mode is refused; the CLI works on an
 ESPnet ASR model built by ASRTask."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -72,16 +73,45 @@ def test_onnx_matches_pytorch_on_other_lengths(encoder, tmp_path):
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in encoder.modules())
 
 
+def weight_inputs(path):
+    """Input features of every MatMul/Gemm with a constant weight in ``path``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:
+            dims = inits[node.input[1]]
+            trans = any(a.name == "transB" and a.i for a in node.attribute)
+            out.append(dims[1] if trans else dims[0])
+    return out
+
+
 @needs_ort
-@pytest.mark.parametrize("input_layer", ["conv2d2", "conv2d6", "conv2d8"])
-def test_onnx_subsampling_convs_as_matmuls_match_pytorch(input_layer, tmp_path):
-    # the subsampling convs export as strided slices + MatMul (for int8)
+@pytest.mark.parametrize("im2col", [False, True], ids=["float-form", "im2col-form"])
+@pytest.mark.parametrize("input_layer", ["conv2d", "conv2d2", "conv2d6", "conv2d8"])
+def test_onnx_subsampling_convs_as_matmuls_match_pytorch(input_layer, im2col, tmp_path):
+    # the subsampling convs export as MatMuls: in float the first two by taps
+    # (one matmul per tap of the second conv), for int8 as im2col + one MatMul each
+    from espnet_fusionformer.subsampling import SUBSAMPLING, im2col_export
+
     encoder = warm_up(make_encoder(input_layer=input_layer))
-    path = export_onnx(encoder, tmp_path / "encoder.onnx")
+    with im2col_export() if im2col else contextlib.nullcontext():
+        path = export_onnx(encoder, tmp_path / "encoder.onnx")
     import onnx
 
     convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
     assert len(convs) == TINY["num_blocks"]  # the depthwise convs only
+    (k1, _), (k2, _), *rest = SUBSAMPLING[input_layer]
+    inputs = weight_inputs(path)
+    channels = TINY["output_size"]
+    # the first conv over k1 x k1 patches: once, or once per tap of the second
+    assert inputs.count(k1 * k1) == (1 if im2col else k2 * k2)
+    # the inner convs over their k x k x channels patches (the second: not in float)
+    im2cols = [k * k * channels for k, _ in ([(k2, 0)] if im2col else []) + rest]
+    patch_sizes = {k * k * channels for k, _ in SUBSAMPLING[input_layer]}
+    assert [n for n in inputs if n in patch_sizes] == im2cols
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run(xs, ilens):

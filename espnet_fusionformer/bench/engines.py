@@ -109,7 +109,7 @@ def build_exports(
         onnx_session,
         trace_module,
     )
-    from espnet_fusionformer.quantize import quantize_onnx
+    from espnet_fusionformer.quantize import export_int8
 
     status: Dict[str, Dict] = {name: {} for name in MODELS}
     artifacts: Dict[str, Dict] = {name: {} for name in MODELS}
@@ -145,7 +145,7 @@ def build_exports(
                 return traced
 
             attempt(name, "torchscript", script)
-        if conf["onnx"] or conf["int8"]:
+        if conf["onnx"]:
 
             def export(entry, wrapper=wrapper, name=name):
                 path = workdir / f"{name}.onnx"
@@ -156,16 +156,18 @@ def build_exports(
                 return path
 
             attempt(name, "onnx", export)
-        if conf["int8"] and "onnx" in artifacts[name]:
+        if conf["int8"]:
 
             def int8(entry, wrapper=wrapper, name=name):
-                path = quantize_onnx(
-                    artifacts[name]["onnx"], workdir / f"{name}.int8.onnx"
+                path = export_int8(
+                    lambda src: onnx_export_module(wrapper, src, conf["opset"]),
+                    workdir / f"{name}.int8.onnx",
                 )
                 entry["method"] = (
                     "onnxruntime.quantization.quantize_dynamic (QInt8 weights, "
                     "MatMul with constant B and >= 16 inputs; Gemm rewritten as "
-                    "MatMul+Add; im2col inputs quantized before slicing)"
+                    "MatMul+Add; subsampling exported as im2col, its inputs "
+                    "quantized before slicing)"
                 )
                 entry["size_mb"] = round(path.stat().st_size / 1e6, 1)
                 entry.update(int8_error(wrapper, onnx_session(path, 1)))

@@ -85,25 +85,27 @@ def onnx_streams(
     """``{metric: {encoder: stream}}``: the LayerNorm and FusionFormer twins'
     chunk paths exported with fixed-size caches (``export_onnx_stream``, checked
     against eager) and run in ONNX Runtime, float (``chunk_onnx``) and int8
-    (``chunk_int8``, ``quantize_onnx``). ESPnet's ContextualBlockConformer has no
+    (``chunk_int8``, ``quantize.export_int8``). ESPnet's ContextualBlockConformer has no
     ONNX path here, so its column stays empty."""
     from espnet_fusionformer.export import export_onnx_stream, onnx_session
-    from espnet_fusionformer.quantize import quantize_onnx
+    from espnet_fusionformer.quantize import export_int8
 
     out: Dict[str, Dict[str, TimedOnnxStream]] = {}
     for name in (LAYERNORM, FUSIONFORMER):
         model = models[name]
         rate, context = model.embed.rate(), model.embed.min_input_length()
         try:
-            path = export_onnx_stream(
-                model,
-                workdir / f"{name}.stream.onnx",
-                STREAMING["chunk_size"],
-                STREAMING["left_chunks"],
-            )
-            files = {"chunk_onnx": path} if "onnx" in kinds else {}
-            if "int8" in kinds:  # quantized from the float file
-                int8 = quantize_onnx(path, workdir / f"{name}.stream.int8.onnx")
+
+            def export(path, model=model):
+                return export_onnx_stream(
+                    model, path, STREAMING["chunk_size"], STREAMING["left_chunks"]
+                )
+
+            files = {}
+            if "onnx" in kinds:
+                files["chunk_onnx"] = export(workdir / f"{name}.stream.onnx")
+            if "int8" in kinds:  # the int8 form (export_int8)
+                int8 = export_int8(export, workdir / f"{name}.stream.int8.onnx")
                 files["chunk_int8"] = int8
             for metric, file in files.items():
                 session = onnx_session(file, threads)
