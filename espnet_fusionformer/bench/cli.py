@@ -330,15 +330,16 @@ def notes(conf: Dict) -> List[str]:
         "against eager on other lengths and batch sizes. ONNX: torch.onnx.export "
         f"opset {conf['opset']}, dynamic batch/time. ORT: CPUExecutionProvider, "
         "intra-op threads = threads, inter-op 1, sequential, all graph "
-        "optimizations.",
-        "int8: each encoder's ONNX file quantized the same way with ONNX "
-        "Runtime's quantize_dynamic (int8 weights, per-tensor; activations "
-        "quantized per call; MatMul with a constant weight of >= 16 input "
-        "features, every Gemm first rewritten as MatMul + Add; the inputs of the "
-        "subsampling's MatMuls quantized once, before their im2col slices; "
-        "ESPnet's Conv subsampling is not a MatMul and stays float), run like the "
-        "float ONNX rows "
-        "(espnet_fusionformer.quantize).",
+        "optimizations. The twins' float files compute the subsampling's first "
+        "two convs as one matmul per tap (subsampling.two_convs_by_taps).",
+        "int8: each encoder exported in the int8 form (the twins' subsampling "
+        "convs as im2col + one MatMul each; quantize.export_int8) and quantized "
+        "the same way with ONNX Runtime's quantize_dynamic (int8 weights, "
+        "per-tensor; activations quantized per call; MatMul with a constant "
+        "weight of >= 16 input features, every Gemm first rewritten as MatMul + "
+        "Add; the inputs of the subsampling's MatMuls quantized once, before their "
+        "im2col slices; ESPnet's Conv subsampling is not a MatMul and stays "
+        "float), run like the float ONNX rows (espnet_fusionformer.quantize).",
         "Training step: the full ESPnet ASR model (frontend, SpecAugment, "
         "normalize, encoder, decoder, CTC) built by ASRTask.build_model from the "
         "recipe's config pair read at run time (the LayerNorm twin = the "

@@ -348,7 +348,7 @@ def streaming_notes(conf: Dict) -> List[str]:
         "ONNX Runtime streaming rows: the twins' chunk paths exported with "
         "fixed-size caches (export.export_onnx_stream: the same chunk and left "
         "context, empty cache slots masked, checked against eager forward_chunk), "
-        "float and int8 (quantize.quantize_onnx, as the other int8 rows), run by "
+        "float and int8 (quantize.export_int8, as the other int8 rows), run by "
         "export.OnnxStream at the same threads, interleaved with the eager streams; "
         "ESPnet's ContextualBlockConformer has no ONNX export here (its column is "
         "n/a).",
