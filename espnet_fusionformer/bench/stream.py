@@ -85,8 +85,8 @@ def onnx_streams(
     """``{metric: {encoder: stream}}``: the LayerNorm and FusionFormer twins'
     chunk paths exported with fixed-size caches (``export_onnx_stream``, checked
     against eager) and run in ONNX Runtime, float (``chunk_onnx``) and int8
-    (``chunk_int8``, ``quantize.export_int8``). ESPnet's ContextualBlockConformer has no
-    ONNX path here, so its column stays empty."""
+    (``chunk_int8``, ``quantize.export_int8``). ESPnet's ContextualBlockConformer
+    has no ONNX path here, so its column stays empty."""
     from espnet_fusionformer.export import export_onnx_stream, onnx_session
     from espnet_fusionformer.quantize import export_int8
 
